@@ -1,0 +1,131 @@
+// Logging the way Postfix daemons log: "postfix/tlsmgr[PID]: warning: text"
+// to syslog, or as datagrams to postlogd when maillog_file is set, and to
+// stderr with -V, in standalone mode, or when no syslog socket exists.
+//
+// SECURITY: text that came from a client is logged only after every
+// non-printable byte is replaced with '?', and cut at 2000 bytes.
+
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	gsyslog "github.com/hashicorp/go-syslog"
+)
+
+type logger struct {
+	mu       sync.Mutex
+	tag      string // e.g. postfix/tlsmgr
+	syslog   gsyslog.Syslogger
+	postlog  *net.UnixConn // connected to postlogd's socket before chroot
+	host     string        // first label of myhostname, for postlog records
+	stderr   bool
+	verbose  int
+	exitHook func() // runs before a fatal exit (saves nothing; closes the store)
+}
+
+// msg is the process-wide logger (Postfix's msg_info, msg_warn, msg_fatal); it writes to stderr until setup runs.
+var msg = &logger{tag: "tlsmgr", stderr: true}
+
+type logSetup struct {
+	tag, facility, maillogFile, prefixes, postlogPath, host string
+	stderr, noSyslog                                         bool
+}
+
+// setup connects the log sinks. It runs before chroot so that the sockets
+// are already connected when their paths are out of reach.
+func (l *logger) setup(s logSetup) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.tag = s.tag
+	l.stderr = s.stderr
+	l.host = s.host
+	if s.maillogFile != "" {
+		allowed := false
+		for _, p := range strings.FieldsFunc(s.prefixes, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' }) {
+			if strings.HasPrefix(s.maillogFile, p) {
+				allowed = true
+			}
+		}
+		if !allowed {
+			return fmt.Errorf("parameter maillog_file: value %q does not match any prefix in maillog_file_prefixes = %s", s.maillogFile, s.prefixes)
+		}
+		conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: s.postlogPath, Net: "unixgram"})
+		if err != nil {
+			// Like Postfix's maillog client: fall back to stderr and say so.
+			l.stderr = true
+			fmt.Fprintf(os.Stderr, "%s[%d]: warning: connect to postlog service %s: %v\n", l.tag, os.Getpid(), s.postlogPath, err)
+			return nil
+		}
+		l.postlog = conn
+		return nil
+	}
+	if s.noSyslog {
+		return nil
+	}
+	sl, err := gsyslog.NewLogger(gsyslog.LOG_INFO, strings.ToUpper(s.facility), s.tag)
+	if err != nil {
+		// No /dev/log (containers, CI): stderr is the only place left.
+		l.stderr = true
+		return nil
+	}
+	l.syslog = sl
+	return nil
+}
+
+func (l *logger) emit(prio gsyslog.Priority, prefix, format string, args ...any) {
+	text := prefix + sanitize(fmt.Sprintf(format, args...))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.postlog != nil {
+		rec := fmt.Sprintf("%s %s %s[%d]: %s", time.Now().Format("Jan 02 15:04:05"), l.host, l.tag, os.Getpid(), text)
+		l.postlog.Write([]byte(rec))
+	}
+	if l.syslog != nil {
+		l.syslog.WriteLevel(prio, []byte(text))
+	}
+	if l.stderr {
+		fmt.Fprintf(os.Stderr, "%s[%d]: %s\n", l.tag, os.Getpid(), text)
+	}
+}
+
+// sanitize makes client-supplied text safe for a log line, as Postfix does.
+func sanitize(s string) string {
+	if len(s) > 2000 {
+		s = s[:2000]
+	}
+	b := []byte(s)
+	for i, c := range b {
+		if c < 0x20 || c >= 0x7f {
+			b[i] = '?'
+		}
+	}
+	return string(b)
+}
+
+func (l *logger) info(format string, args ...any) { l.emit(gsyslog.LOG_INFO, "", format, args...) }
+func (l *logger) warn(format string, args ...any) {
+	l.emit(gsyslog.LOG_WARNING, "warning: ", format, args...)
+}
+
+// debug logs only with -v, like Postfix's msg_verbose lines.
+func (l *logger) debug(format string, args ...any) {
+	if l.verbose > 0 {
+		l.info(format, args...)
+	}
+}
+
+// fatal logs and exits 1; master(8) then logs the exit status and, if no
+// request was ever served, throttles the service.
+func (l *logger) fatal(format string, args ...any) {
+	l.emit(gsyslog.LOG_CRIT, "fatal: ", format, args...)
+	if l.exitHook != nil {
+		l.exitHook()
+	}
+	os.Exit(1)
+}

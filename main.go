@@ -1,0 +1,508 @@
+// Command tlsmgr is a drop-in replacement for Postfix's tlsmgr(8): it gives
+// smtpd, smtp, lmtp and tlsproxy PRNG seeds, TLS session caches (kept in
+// SQLite) and session-ticket keys over Postfix's private/tlsmgr socket.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+const usage = `tlsmgr: Postfix's TLS session cache and PRNG manager, with SQLite caches.
+
+Run it by hand, without Postfix, on a local socket and database:
+
+	$ tlsmgr -listen ./tlsmgr.sock
+	  serves ./tlsmgr.sock; caches and PRNG file in ./tlsmgr-data
+
+	$ tlsmgr -query seed 32
+	  asks ./tlsmgr.sock for 32 random bytes (also: policy smtpd,
+	  lookup smtp ID, update smtp ID TEXT, delete smtp ID, tktkey [HEXNAME])
+
+Under Postfix, master(8) runs it from master.cf, exactly like the original:
+
+	tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+
+Flags of the standalone and query modes:
+`
+
+// cacheLabels are Postfix's three caches, in the order tlsmgr opens them.
+var cacheLabels = []string{"smtpd", "smtp", "lmtp"}
+
+func main() {
+	args := os.Args[1:]
+	if len(args) > 0 && isStandaloneFlag(args[0]) {
+		runStandalone(args)
+		return
+	}
+	runUnderMaster(args)
+}
+
+// isStandaloneFlag tells our long flags from Postfix's one-letter options.
+func isStandaloneFlag(a string) bool {
+	switch strings.TrimLeft(a, "-") {
+	case "listen", "query", "config", "data", "socket", "help", "h", "mailconfig":
+		return strings.HasPrefix(a, "-")
+	}
+	return strings.HasPrefix(a, "--")
+}
+
+// runUnderMaster is the daemon as master(8) starts it, in Postfix's order:
+// options, main.cf, logging, pre-init as root, chroot and setuid, serve.
+func runUnderMaster(args []string) {
+	signal.Ignore(syscall.SIGPIPE, syscall.SIGXFSZ)
+	processName := filepath.Base(os.Args[0])
+	msg.tag = processName
+
+	opts, err := parseDaemonArgs(args)
+	if err != nil {
+		msg.fatal("%v", err)
+	}
+	if os.Getenv("MAIL_VERBOSE") != "" {
+		opts.verbose++
+	}
+	msg.verbose = opts.verbose
+
+	// 1. Configuration: main.cf < tlsmgr.toml < -o.
+	cfg := newConfig()
+	if err := cfg.readMainCF(mainCFPath(""), msg.warn); err != nil {
+		msg.fatal("%v", err)
+	}
+	for _, o := range opts.overrides {
+		if err := cfg.setOverride(o); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	configDir := filepath.Dir(cfg.file)
+	serviceName := processName
+	if opts.serviceName != "" {
+		serviceName = opts.serviceName
+	}
+	cfg.always = map[string]string{"process_name": processName, "process_id": strconv.Itoa(os.Getpid()),
+		"service_name": serviceName, "config_directory": configDir}
+	if toml := filepath.Join(configDir, "tlsmgr.toml"); fileExists(toml) {
+		if err := cfg.readTOML(toml); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+
+	// 2. Logging, now that syslog_name and maillog_file are known.
+	setupLogging(cfg, processName, opts.stderr, false)
+	if !opts.debugMode && !opts.stdinStream && isTerminal(0) {
+		msg.fatal("do not run this command by hand (to try it without Postfix: tlsmgr -listen ./tlsmgr.sock)")
+	}
+	if err := cfg.validate(); err != nil {
+		msg.fatal("%v", err)
+	}
+	if !opts.solitary && !opts.stdinStream {
+		msg.fatal("service %s requires a process limit of 1", serviceName)
+	}
+	if opts.debugger {
+		runDebugger(cfg)
+	}
+	queueDir := cfg.mustStr("queue_directory")
+	if err := os.Chdir(queueDir); err != nil {
+		msg.fatal("chdir(\"%s\"): %s", queueDir, errText(err))
+	}
+
+	// 3. Pre-init, as root: everything that needs a path.
+	var owner *mailOwner
+	if opts.dropPrivs || os.Geteuid() == 0 {
+		if owner, err = lookupMailOwner(cfg.mustStr("mail_owner")); err != nil {
+			msg.fatal("%s/main.cf: %v", configDir, err)
+		}
+	}
+	d := openDaemon(cfg, owner)
+	var lns []net.Listener
+	if !opts.stdinStream {
+		if lns, err = masterListeners(opts.transport, opts.listenFds); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+
+	// 4. chroot(queue_directory) and drop to mail_owner.
+	if !opts.dropPrivs {
+		owner = nil
+	}
+	if err := enterJail(queueDir, opts.chroot, owner); err != nil {
+		msg.fatal("%v", err)
+	}
+
+	// 5. Post-init: reseed, exchange file, cache cleanup, then serve.
+	d.start()
+	d.srv.streamName = serviceName + " socket"
+	if len(opts.strayArgs) > 0 {
+		d.srv.strayArg = opts.strayArgs[0]
+	}
+	if opts.stdinStream {
+		d.srv.serveConn(stdio{}, nil, false)
+		d.exit(0)
+	}
+	generation, err := generationFromEnv()
+	if err != nil {
+		msg.fatal("%v", err)
+	}
+	status := &masterStatus{file: os.NewFile(masterStatusFd, "master status"), generation: generation,
+		onLost: func() { d.exit(0) }}
+	syscall.CloseOnExec(3)
+	syscall.CloseOnExec(4)
+	d.srv.busy, d.srv.idle = status.busy, status.idle
+	go status.watchMaster()
+	go watchdog(time.Duration(cfg.mustNum("daemon_timeout"))*time.Second, d.healthCheck)
+	d.exitOnSignals()
+	for _, ln := range lns[1:] {
+		go d.srv.serveListener(ln)
+	}
+	d.srv.serveListener(lns[0])
+	d.exit(0)
+}
+
+// runStandalone runs without Postfix: no master, no chroot, stderr logging,
+// its own socket, and all three caches on with data in a local directory.
+func runStandalone(args []string) {
+	fs := flag.NewFlagSet("tlsmgr", flag.ExitOnError)
+	listen := fs.String("listen", "", "serve the tlsmgr protocol on this UNIX `socket`")
+	query := fs.Bool("query", false, "send one request to -socket and print the reply: REQUEST ARGS...")
+	socket := fs.String("socket", "./tlsmgr.sock", "the `socket` that -query talks to")
+	tomlFile := fs.String("config", "", "TOML `file` with parameters (see tlsmgr.toml.example)")
+	dataDir := fs.String("data", "./tlsmgr-data", "`directory` for the session database and the PRNG exchange file")
+	mailConfig := fs.String("mailconfig", "", "also read main.cf from this Postfix config `directory`")
+	verbose := fs.Bool("v", false, "verbose logging")
+	var overrides []string
+	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
+		overrides = append(overrides, v)
+		return nil
+	})
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		fs.PrintDefaults()
+	}
+	fs.Parse(args)
+	if *query {
+		os.Exit(runQuery(*socket, fs.Args()))
+	}
+	if *listen == "" {
+		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, or -query to ask a running tlsmgr")
+		os.Exit(2)
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: unexpected argument %q\n", fs.Arg(0))
+		os.Exit(2)
+	}
+	signal.Ignore(syscall.SIGPIPE, syscall.SIGXFSZ)
+	if *verbose {
+		msg.verbose = 1
+	}
+
+	data, err := filepath.Abs(*dataDir)
+	if err != nil {
+		msg.fatal("data directory %s: %v", *dataDir, err)
+	}
+	if err := os.MkdirAll(data, 0700); err != nil {
+		msg.fatal("cannot create data directory %s: %s", data, errText(err))
+	}
+	cfg := newConfig()
+	cfg.builtin = map[string]string{
+		"data_directory":                   data,
+		"queue_directory":                  data,
+		"smtpd_tls_session_cache_database": "btree:${data_directory}/smtpd_scache",
+		"smtp_tls_session_cache_database":  "btree:${data_directory}/smtp_scache",
+		"lmtp_tls_session_cache_database":  "btree:${data_directory}/lmtp_scache",
+	}
+	if *mailConfig != "" {
+		if err := cfg.readMainCF(mainCFPath(*mailConfig), msg.warn); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	cfg.always = map[string]string{"process_name": "tlsmgr", "process_id": strconv.Itoa(os.Getpid()),
+		"service_name": "tlsmgr", "config_directory": *mailConfig}
+	if *tomlFile != "" {
+		if err := cfg.readTOML(*tomlFile); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	for _, o := range overrides {
+		if err := cfg.setOverride(o); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	setupLogging(cfg, "tlsmgr", true, true)
+	if err := cfg.validate(); err != nil {
+		msg.fatal("%v", err)
+	}
+
+	d := openDaemon(cfg, nil)
+	ln, err := listenUnix(*listen)
+	if err != nil {
+		msg.fatal("%v", err)
+	}
+	d.socketPath = *listen
+	d.start()
+	d.srv.streamName = "tlsmgr socket"
+	msg.info("serving %s; session database %s; stop with Ctrl-C", *listen, d.store.path)
+	d.exitOnSignals()
+	d.srv.serveListener(ln)
+	d.exit(0)
+}
+
+// setupLogging connects the log sinks of postfix-tlsmgr.md §8.
+func setupLogging(cfg *config, processName string, toStderr, standalone bool) {
+	tag := os.Getenv("MAIL_LOGTAG")
+	if tag == "" {
+		tag = cfg.mustStrOr("syslog_name", "postfix")
+	}
+	host := os.Getenv("POSTLOG_HOSTNAME")
+	if host == "" {
+		host, _, _ = strings.Cut(cfg.mustStrOr("myhostname", "localhost"), ".")
+	}
+	postlog := os.Getenv("POSTLOG_SERVICE")
+	if postlog == "" {
+		postlog = cfg.mustStrOr("queue_directory", "") + "/public/" + cfg.mustStrOr("postlog_service_name", "postlog")
+	}
+	maillog := ""
+	if !standalone {
+		maillog = cfg.mustStrOr("maillog_file", "")
+	}
+	err := msg.setup(logSetup{
+		tag: tag + "/" + processName, facility: cfg.mustStrOr("syslog_facility", "mail"),
+		maillogFile: maillog, prefixes: cfg.mustStrOr("maillog_file_prefixes", ""),
+		postlogPath: postlog, host: host, stderr: toStderr, noSyslog: standalone,
+	})
+	if err != nil {
+		msg.fatal("%v", err)
+	}
+}
+
+// mustStrOr is str for logging set-up, which runs before validation and
+// must not fail on a bad value that validation will report properly.
+func (c *config) mustStrOr(name, fallback string) string {
+	v, err := c.str(name)
+	if err != nil {
+		return fallback
+	}
+	return v
+}
+
+// daemon is everything the running process owns.
+type daemon struct {
+	cfg        *config
+	store      *store
+	pool       *pool
+	source     *entropySource
+	exchange   *exchangeFile // nil when tls_random_exchange_name is empty
+	srv        *server
+	socketPath string // standalone mode removes its socket on exit
+	stopSweep  chan struct{}
+	exitOnce   sync.Once
+}
+
+// openDaemon is Postfix's pre-init: the pool, the entropy source, the
+// exchange file and the caches, all opened while paths still resolve.
+func openDaemon(cfg *config, owner *mailOwner) *daemon {
+	uid, gid := -1, -1
+	if owner != nil {
+		uid, gid = owner.uid, owner.gid
+	}
+	d := &daemon{cfg: cfg, stopSweep: make(chan struct{})}
+	var err error
+	if d.pool, err = newPool(); err != nil {
+		msg.fatal("%v", err)
+	}
+	d.source = openEntropySource(cfg.mustStr("tls_random_source"), int(cfg.mustNum("tls_random_bytes")))
+	if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
+		if d.exchange, err = openExchangeFile(name, uid, gid); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	var caches []cacheConfig
+	for _, label := range cacheLabels {
+		caches = append(caches, cacheConfig{
+			label:    label,
+			database: cfg.mustStr(label + "_tls_session_cache_database"),
+			timeout:  cfg.mustNum(label + "_tls_session_cache_timeout"),
+			loglevel: cfg.mustStr(label + "_tls_loglevel"),
+		})
+	}
+	d.store, err = openStore(cfg.mustStr("tlsmgr_database"), caches, uid, gid, int(cfg.mustNum("tlsmgr_sweep_batch_size")))
+	if err != nil {
+		msg.fatal("%v", err)
+	}
+	d.srv = &server{
+		store:      d.store,
+		pool:       d.pool,
+		keys:       newTicketKeys(d.store.caches["smtpd"].timeout, d.pool),
+		ipcTimeout: time.Duration(cfg.mustNum("ipc_timeout")) * time.Second,
+		connSlots:  make(chan struct{}, cfg.mustNum("tlsmgr_max_connections")),
+	}
+	return d
+}
+
+// start is Postfix's post-init: reseed, exchange update, cache cleanup.
+func (d *daemon) start() {
+	if d.source.active() {
+		d.reseed()
+		go func() {
+			period := d.cfg.mustNum("tls_random_reseed_period")
+			for d.source.active() {
+				time.Sleep(d.pool.randomDelay(period))
+				d.reseed()
+			}
+		}()
+	}
+	if d.exchange != nil {
+		if err := d.exchange.update(d.pool); err != nil {
+			msg.fatal("%v", err)
+		}
+		go func() {
+			period := d.cfg.mustNum("tls_random_prng_update_period")
+			for {
+				time.Sleep(d.pool.randomDelay(period))
+				if d.exchange.removed() {
+					msg.warn("PRNG exchange file was removed -- exiting to reopen")
+					time.Sleep(time.Second)
+					d.exchange = nil // nothing to save: the file is gone
+					d.exit(0)
+				}
+				if err := d.exchange.update(d.pool); err != nil {
+					msg.fatal("%v", err)
+				}
+			}
+		}()
+	}
+	var sweepers sync.WaitGroup
+	for _, label := range cacheLabels {
+		if c := d.store.caches[label]; c.enabled() {
+			sweepers.Add(1)
+			go d.store.runSweeper(c, d.stopSweep, &sweepers)
+		}
+	}
+}
+
+// reseed mixes one read of tls_random_source into the pool; a source that
+// failed makes us exit so that master(8) starts a process that reopens it.
+func (d *daemon) reseed() {
+	b, err := d.source.gather()
+	var reopen errExitToReopen
+	if errors.As(err, &reopen) {
+		msg.info("%s", reopen.text)
+		d.saveExchange()
+		time.Sleep(time.Second)
+		d.exit(0)
+	}
+	if len(b) > 0 {
+		d.pool.mix(b)
+		clear(b)
+	}
+}
+
+func (d *daemon) saveExchange() {
+	if x := d.exchange; x != nil {
+		if err := x.update(d.pool); err != nil {
+			msg.warn("%v", err)
+		}
+	}
+}
+
+// exit saves the exchange file, wipes the pool and ends the process.
+func (d *daemon) exit(code int) {
+	d.exitOnce.Do(func() {
+		done := make(chan struct{})
+		go func() {
+			d.saveExchange()
+			d.pool.wipe()
+			d.store.close()
+			if d.socketPath != "" {
+				os.Remove(d.socketPath)
+			}
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second): // a stuck lock must not keep us alive
+		}
+		os.Exit(code)
+	})
+	select {} // another goroutine is already exiting
+}
+
+// exitOnSignals makes SIGTERM (postfix stop), SIGINT and SIGHUP a clean exit.
+func (d *daemon) exitOnSignals() {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	go func() {
+		s := <-sigs
+		msg.debug("%v -- exiting", s)
+		d.exit(0)
+	}()
+}
+
+// healthCheck is the watchdog's probe of the shared state.
+func (d *daemon) healthCheck() {
+	var b [1]byte
+	d.pool.read(b[:])
+	d.srv.keys.mu.Lock()
+	d.srv.keys.mu.Unlock()
+	d.store.writer.Exec("SELECT 1")
+}
+
+// runDebugger runs debugger_command for -D, as Postfix's debug_process does.
+func runDebugger(cfg *config) {
+	command := cfg.mustStr("debugger_command")
+	if command == "" {
+		msg.fatal("debug_process: debugger_command is not set")
+	}
+	msg.info("running: %s", command)
+	if err := runShell(command); err != nil {
+		msg.warn("debugger_command: %v", err)
+	}
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// isTerminal reports whether fd is a terminal (TCGETS succeeds).
+func isTerminal(fd int) bool {
+	var t syscall.Termios
+	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), syscall.TCGETS, uintptr(unsafe.Pointer(&t)))
+	return errno == 0
+}
+
+func runShell(command string) error {
+	cmd := exec.Command("/bin/sh", "-c", command)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	return cmd.Run()
+}
+
+// listenUnix binds the standalone socket, replacing a stale one left by a
+// process that died, but never one that a running tlsmgr still answers on.
+func listenUnix(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("socket %s: another tlsmgr is already serving it", path)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o077) // only this user may connect
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on UNIX socket %s: %v", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	return ln, nil
+}

@@ -1,0 +1,282 @@
+// master(8) plumbing: Postfix's generic daemon options, the status channel
+// on fd 5, the listening sockets from fd 6 on, chroot and privilege drop,
+// and the daemon_timeout watchdog (postfix-tlsmgr.md §6).
+//
+// SECURITY: master(8) is trusted; it runs us as root with -u and -c, and
+// everything that needs a path is opened before chroot() and setuid().
+
+package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Descriptors that master(8) hands every child.
+const (
+	masterStatusFd = 5
+	masterListenFd = 6
+)
+
+// daemonOptions are Postfix's generic daemon options (getopt
+// "cdDi:lm:n:o:s:St:uvVz").
+type daemonOptions struct {
+	chroot, debugMode, debugger, solitary, stdinStream, dropPrivs, stderr bool
+	verbose                                                               int
+	serviceName, transport                                                string
+	listenFds                                                             int
+	overrides                                                             []string
+	strayArgs                                                             []string
+}
+
+// parseDaemonArgs parses argv the way getopt(3) does for Postfix daemons,
+// including bundled flags (-cu) and attached values (-ofoo=bar).
+func parseDaemonArgs(args []string) (*daemonOptions, error) {
+	o := &daemonOptions{listenFds: 1}
+	withValue := map[byte]bool{'i': true, 'm': true, 'n': true, 'o': true, 's': true, 't': true}
+	i := 0
+	for ; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			i++
+			break
+		}
+		if len(a) < 2 || a[0] != '-' {
+			break
+		}
+		for j := 1; j < len(a); j++ {
+			c := a[j]
+			var val string
+			if withValue[c] {
+				if j+1 < len(a) {
+					val = a[j+1:]
+				} else if i+1 < len(args) {
+					i++
+					val = args[i]
+				} else {
+					return nil, fmt.Errorf("option requires an argument -- '%c'", c)
+				}
+				j = len(a)
+			}
+			switch c {
+			case 'c':
+				o.chroot = true
+			case 'd':
+				o.debugMode = true
+			case 'D':
+				o.debugger = true
+			case 'l':
+				o.solitary = true
+			case 'S':
+				o.stdinStream = true
+			case 'u':
+				o.dropPrivs = true
+			case 'v':
+				o.verbose++
+			case 'V':
+				o.stderr = true
+			case 'z':
+			case 'i', 'm':
+				// max_idle and max_use: tlsmgr never exits for them.
+				if _, err := parseTime(val, 's'); err != nil {
+					return nil, fmt.Errorf("bad -%c value %q: want a number", c, val)
+				}
+			case 'n':
+				o.serviceName = val
+			case 'o':
+				o.overrides = append(o.overrides, val)
+			case 's':
+				n, err := strconv.Atoi(val)
+				if err != nil || n <= 0 {
+					return nil, fmt.Errorf("invalid socket_count: %s", val)
+				}
+				o.listenFds = n
+			case 't':
+				o.transport = val
+			default:
+				return nil, fmt.Errorf("invalid option: %c", c)
+			}
+		}
+	}
+	o.strayArgs = args[i:]
+	return o, nil
+}
+
+// masterStatus writes the 12-byte status records master(8) expects:
+// {int32 pid, uint32 generation, int32 avail}. Connections are served
+// concurrently, so we report "taken" when the first request starts and
+// "available" when the last one ends; with a process limit of 1 master
+// needs no more.
+type masterStatus struct {
+	mu         sync.Mutex
+	file       *os.File
+	generation uint32
+	inFlight   int
+	onLost     func() // master is gone: save state and exit
+}
+
+// generationFromEnv parses $GENERATION, which master(8) writes in octal.
+func generationFromEnv() (uint32, error) {
+	g := os.Getenv("GENERATION")
+	if g == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(g, 8, 32)
+	if err != nil {
+		return 0, fmt.Errorf("bad generation: %s", g)
+	}
+	return uint32(n), nil
+}
+
+func (m *masterStatus) send(avail int32) error {
+	var rec [12]byte
+	binary.LittleEndian.PutUint32(rec[0:], uint32(os.Getpid()))
+	binary.LittleEndian.PutUint32(rec[4:], m.generation)
+	binary.LittleEndian.PutUint32(rec[8:], uint32(avail))
+	_, err := m.file.Write(rec[:])
+	return err
+}
+
+func (m *masterStatus) busy() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.inFlight++
+	if m.inFlight == 1 {
+		m.send(0)
+	}
+}
+
+func (m *masterStatus) idle() {
+	m.mu.Lock()
+	m.inFlight--
+	var err error
+	if m.inFlight == 0 {
+		err = m.send(1)
+	}
+	m.mu.Unlock()
+	if err != nil {
+		msg.debug("master status write failed: %v -- exiting", err)
+		m.onLost()
+	}
+}
+
+// watchMaster blocks until master closes its end of the status channel
+// (it exited, or "postfix reload" replaced us), then calls onLost.
+func (m *masterStatus) watchMaster() {
+	var b [1]byte
+	for {
+		n, err := m.file.Read(b[:])
+		if n == 0 || err != nil {
+			msg.debug("master disconnect -- exiting")
+			m.onLost()
+			return
+		}
+	}
+}
+
+// masterListeners wraps fds 6.. as listeners of the given transport.
+func masterListeners(transport string, count int) ([]net.Listener, error) {
+	switch transport {
+	case "unix", "inet":
+	case "pass":
+		return nil, fmt.Errorf("transport type %q is not supported by this tlsmgr; use \"unix\" in master.cf", transport)
+	case "":
+		return nil, fmt.Errorf("no transport type specified (master.cf gives -t unix)")
+	default:
+		return nil, fmt.Errorf("unsupported transport type: %s", transport)
+	}
+	var lns []net.Listener
+	for fd := masterListenFd; fd < masterListenFd+count; fd++ {
+		f := os.NewFile(uintptr(fd), fmt.Sprintf("listen socket fd %d", fd))
+		ln, err := net.FileListener(f) // dups the fd; netpoll handles EAGAIN
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("listen socket fd %d: %v", fd, err)
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}
+
+// mailOwner is mail_owner, looked up before chroot (the jail has no passwd).
+type mailOwner struct {
+	name     string
+	uid, gid int
+	groups   []int
+}
+
+func lookupMailOwner(name string) (*mailOwner, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return nil, fmt.Errorf("parameter mail_owner: unknown user name value: %s", name)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if uid == 0 {
+		return nil, fmt.Errorf("parameter mail_owner: user %s has privileged user ID: %d", name, uid)
+	}
+	if gid == 0 {
+		return nil, fmt.Errorf("parameter mail_owner: user %s has privileged group ID: %d", name, gid)
+	}
+	owner := &mailOwner{name: name, uid: uid, gid: gid}
+	if ids, err := u.GroupIds(); err == nil {
+		for _, g := range ids {
+			if n, err := strconv.Atoi(g); err == nil {
+				owner.groups = append(owner.groups, n)
+			}
+		}
+	}
+	if len(owner.groups) == 0 {
+		owner.groups = []int{gid}
+	}
+	return owner, nil
+}
+
+// enterJail chroots to dir (with -c) and drops to owner (with -u). Go
+// applies setuid and setgid to every thread of the process.
+func enterJail(dir string, chroot bool, owner *mailOwner) error {
+	if chroot {
+		if err := syscall.Chroot(dir); err != nil {
+			return fmt.Errorf("chroot(%s): %s", dir, errText(err))
+		}
+		if err := os.Chdir("/"); err != nil {
+			return fmt.Errorf("chdir(/): %s", errText(err))
+		}
+	}
+	if owner != nil {
+		if err := syscall.Setgroups(owner.groups); err != nil {
+			return fmt.Errorf("initgroups(%s, %d): %s", owner.name, owner.gid, errText(err))
+		}
+		if err := syscall.Setgid(owner.gid); err != nil {
+			return fmt.Errorf("setgid(%d): %s", owner.gid, errText(err))
+		}
+		if err := syscall.Setuid(owner.uid); err != nil {
+			return fmt.Errorf("setuid(%d): %s", owner.uid, errText(err))
+		}
+	}
+	return nil
+}
+
+// watchdog ends a process that has stopped making progress: every third of
+// daemon_timeout it checks that the shared state can still be taken (the
+// ticket-key lock, the PRNG, the cache writer); if a check has not come
+// back within daemon_timeout, it logs Postfix's fatal message.
+func watchdog(timeout time.Duration, check func()) {
+	done := make(chan struct{}, 1)
+	for {
+		go func() { check(); done <- struct{}{} }()
+		select {
+		case <-done:
+			time.Sleep(timeout / 3)
+		case <-time.After(timeout):
+			msg.fatal("watchdog timeout")
+		}
+	}
+}

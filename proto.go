@@ -1,0 +1,593 @@
+// The tlsmgr protocol: Postfix's attr0 codec (NUL-terminated name and value
+// pairs, a lone NUL ends a list), the "protocol" announcement, and one
+// handler per request: seed, policy, lookup, update, delete, tktkey.
+//
+// SECURITY: everything a client sends is untrusted. Every attribute is
+// bounded (maxAttrLen), a connection that stalls holds only its own
+// goroutine, and a malformed request gets a FAIL reply or a closed
+// connection plus a warning, never a crash.
+
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// handshake is sent on every accepted connection (Postfix 3.6 and later).
+var handshake = []byte("protocol\x00tlsmgr_protocol\x00\x00")
+
+// maxAttrLen bounds one attribute name or value on input. Postfix 3.7 has
+// no bound; real sessions are a few KiB, so 1 MiB costs no client anything.
+const maxAttrLen = 1 << 20
+
+type attrType int
+
+const (
+	attrStr attrType = iota
+	attrInt
+	attrData
+)
+
+type wantAttr struct {
+	name string
+	typ  attrType
+}
+
+// requestAttrs is the reference's table of requests: the attributes each
+// one must carry, in order (postfix-tlsmgr.md §2).
+var requestAttrs = map[string][]wantAttr{
+	"seed":   {{"size", attrInt}},
+	"policy": {{"cache_type", attrStr}},
+	"lookup": {{"cache_type", attrStr}, {"cache_id", attrStr}},
+	"update": {{"cache_type", attrStr}, {"cache_id", attrStr}, {"session", attrData}},
+	"delete": {{"cache_type", attrStr}, {"cache_id", attrStr}},
+	"tktkey": {{"keyname", attrData}},
+}
+
+// errors that end a connection without a reply
+var (
+	errClientGone = errors.New("client closed the connection")
+	errTrigger    = errors.New("master wake-up trigger")
+)
+
+// attrReader reads attr0 tokens with Postfix's warnings and a length bound.
+type attrReader struct {
+	br         *bufio.Reader
+	streamName string // "tlsmgr socket", as in Postfix's warnings
+	tok        []byte
+}
+
+// token reads one NUL-terminated string. io.EOF before its first byte is
+// returned as is; the caller decides whether that is a clean close.
+func (r *attrReader) token(context string) ([]byte, error) {
+	r.tok = r.tok[:0]
+	for {
+		chunk, err := r.br.ReadSlice(0)
+		if len(r.tok)+len(chunk) > maxAttrLen+1 {
+			msg.warn("string length > %d from %s while reading %s", maxAttrLen, r.streamName, context)
+			return nil, errClientGone
+		}
+		r.tok = append(r.tok, chunk...)
+		switch {
+		case err == nil:
+			return r.tok[:len(r.tok)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case err == io.EOF && len(r.tok) == 0:
+			return nil, io.EOF
+		case isTimeout(err):
+			msg.warn("timeout on %s while reading %s", r.streamName, context)
+			return nil, errClientGone
+		default:
+			msg.warn("premature end-of-input on %s while reading %s", r.streamName, context)
+			return nil, errClientGone
+		}
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// parseUint mimics sscanf("%u%c"): leading blanks and a sign are allowed,
+// the value wraps modulo 2^32, overflow saturates, and trailing bytes or an
+// empty string are errors.
+func parseUint(b []byte) (uint32, bool) {
+	s := string(b)
+	i := 0
+	for i < len(s) && (s[i] == ' ' || (s[i] >= '\t' && s[i] <= '\r')) {
+		i++
+	}
+	neg := false
+	if i < len(s) && (s[i] == '+' || s[i] == '-') {
+		neg = s[i] == '-'
+		i++
+	}
+	j := i
+	for j < len(s) && s[j] >= '0' && s[j] <= '9' {
+		j++
+	}
+	if j == i || j != len(s) {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(s[i:j], 10, 64)
+	if err != nil {
+		return 0xFFFFFFFF, true // strtoul's ULONG_MAX, truncated to 32 bits
+	}
+	if neg {
+		v = -v
+	}
+	return uint32(v), true
+}
+
+// decodeBase64 follows Postfix's base64_decode: the length must be a
+// multiple of 4, decoding stops at the first '=' in the third or fourth
+// position of a quad, and non-zero padding bits are tolerated.
+func decodeBase64(b []byte) ([]byte, bool) {
+	if len(b)%4 != 0 {
+		return nil, false
+	}
+	end := len(b)
+	for q := 0; q < len(b); q += 4 {
+		for k := 0; k < 4; k++ {
+			c := b[q+k]
+			if c == '=' {
+				if k < 2 {
+					return nil, false
+				}
+				end = q + k
+				goto decode
+			}
+			if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '+' || c == '/') {
+				return nil, false
+			}
+		}
+	}
+decode:
+	out, err := base64.RawStdEncoding.DecodeString(string(b[:end]))
+	if err != nil {
+		return nil, false
+	}
+	return out, true
+}
+
+// attrWriter builds one reply in memory; it goes out in one write.
+type attrWriter struct{ buf []byte }
+
+func (w *attrWriter) str(name, value string) {
+	w.buf = append(append(append(append(w.buf, name...), 0), value...), 0)
+}
+
+// int writes a status or count the way attr_print0 does: "%u" of 32 bits.
+func (w *attrWriter) int(name string, v int) {
+	w.buf = append(append(w.buf, name...), 0)
+	w.buf = strconv.AppendUint(w.buf, uint64(uint32(int32(v))), 10)
+	w.buf = append(w.buf, 0)
+}
+
+func (w *attrWriter) data(name string, v []byte) {
+	w.buf = append(append(w.buf, name...), 0)
+	w.buf = base64.StdEncoding.AppendEncode(w.buf, v)
+	w.buf = append(w.buf, 0)
+}
+
+func (w *attrWriter) end() { w.buf = append(w.buf, 0) }
+
+// request is one parsed request; ok is false when its attributes did not
+// parse (the handler then answers FAIL with empty payloads).
+type request struct {
+	name string
+	ok   bool
+	strs [3]string
+	num  uint32
+	data []byte
+}
+
+// server holds what every connection shares.
+type server struct {
+	store        *store
+	pool         *pool
+	keys         *ticketKeys
+	ipcTimeout   time.Duration
+	streamName   string
+	connSlots    chan struct{}   // bounds concurrent connections
+	busy, idle   func()          // master(8) status records, or nil
+	strayArg     string          // a non-option argument: fatal at the first request
+	firstRequest sync.Once
+}
+
+// serveConn runs one client connection until it closes. announce is false
+// only for -S (stdin) mode, where Postfix sends no handshake.
+func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, announce bool) {
+	if announce {
+		if _, err := rw.Write(handshake); err != nil {
+			return
+		}
+	}
+	r := &attrReader{br: bufio.NewReaderSize(rw, 4096), streamName: s.streamName}
+	w := &attrWriter{buf: make([]byte, 0, 512)}
+	for {
+		if setDeadline != nil {
+			setDeadline(time.Now().Add(s.ipcTimeout))
+		}
+		req, err := s.readRequest(r)
+		if err != nil {
+			if err == errTrigger {
+				msg.debug("received master trigger")
+			}
+			return
+		}
+		if req == nil {
+			continue // a lone NUL: Postfix treats it as a trigger and says nothing
+		}
+		if s.busy != nil {
+			s.busy()
+		}
+		s.firstRequest.Do(func() {
+			if s.strayArg != "" {
+				msg.fatal("unexpected command-line argument: %s", s.strayArg)
+			}
+		})
+		w.buf = w.buf[:0]
+		s.handle(req, w)
+		_, werr := rw.Write(w.buf)
+		if s.idle != nil {
+			s.idle()
+		}
+		if werr != nil {
+			return
+		}
+	}
+}
+
+// readRequest reads one request list with the semantics of Postfix's
+// STRICT scan; see postfix-tlsmgr.md §1.3 and §1.5. A nil request with a
+// nil error means "nothing to answer".
+func (s *server) readRequest(r *attrReader) (*request, error) {
+	first, err := r.token("input attribute name")
+	if err == io.EOF {
+		return nil, errClientGone
+	}
+	if err != nil {
+		return nil, err
+	}
+	fail := func(name string) (*request, error) {
+		r.br.Discard(r.br.Buffered()) // Postfix drops what is left of a bad request
+		return &request{name: name}, nil
+	}
+	switch {
+	case string(first) == "W" && r.br.Buffered() == 0:
+		return nil, errTrigger
+	case len(first) == 0 && r.br.Buffered() == 0:
+		return nil, nil
+	case len(first) == 0:
+		msg.warn("missing attribute request in input from %s", r.streamName)
+		return fail("")
+	case string(first) != "request":
+		msg.warn("unexpected attribute %s from %s (expecting: request)", first, r.streamName)
+		return fail("")
+	}
+	value, err := r.token("input attribute value")
+	if err != nil {
+		return nil, errClientGone
+	}
+	req := &request{name: string(value)}
+	want, known := requestAttrs[req.name]
+	if !known {
+		msg.warn("unknown request %q from %s", req.name, r.streamName)
+		return fail(req.name)
+	}
+	for i, a := range want {
+		name, err := r.token("input attribute name")
+		if err != nil {
+			return nil, errClientGone
+		}
+		if len(name) == 0 {
+			msg.warn("missing attribute %s in input from %s", a.name, r.streamName)
+			return req, nil
+		}
+		if string(name) != a.name {
+			msg.warn("unexpected attribute %s from %s (expecting: %s)", name, r.streamName, a.name)
+			return fail(req.name)
+		}
+		v, err := r.token("input attribute value")
+		if err != nil {
+			return nil, errClientGone
+		}
+		switch a.typ {
+		case attrStr:
+			req.strs[i] = string(v)
+		case attrInt:
+			n, ok := parseUint(v)
+			if !ok {
+				msg.warn("malformed numerical data from %s while reading input attribute value: %.100s", r.streamName, v)
+				return fail(req.name)
+			}
+			req.num = n
+		case attrData:
+			d, ok := decodeBase64(v)
+			if !ok {
+				msg.warn("malformed base64 data from %s while reading input attribute value: %.100s", r.streamName, v)
+				return fail(req.name)
+			}
+			req.data = d
+		}
+	}
+	req.ok = true
+	end, err := r.token("input attribute name")
+	if err != nil {
+		return nil, errClientGone
+	}
+	if len(end) != 0 {
+		// Postfix warns, still executes the request, and drops the rest.
+		msg.warn("unexpected attribute %s from %s (expecting: (list terminator))", end, r.streamName)
+		r.br.Discard(r.br.Buffered())
+	}
+	return req, nil
+}
+
+// handle answers one request; the reply attributes and their order are
+// those of postfix-tlsmgr.md §2.
+func (s *server) handle(req *request, w *attrWriter) {
+	switch req.name {
+	case "seed":
+		s.handleSeed(req, w)
+	case "policy":
+		s.handlePolicy(req, w)
+	case "lookup":
+		s.handleLookup(req, w)
+	case "update":
+		w.int("status", s.cacheOp(req, func(c *cache) int { return s.store.update(c, req.strs[1], req.data) }))
+	case "delete":
+		w.int("status", s.cacheOp(req, func(c *cache) int { return s.store.remove(c, req.strs[1]) }))
+	case "tktkey":
+		s.handleTktkey(req, w)
+	default:
+		// A bad first attribute or an unknown request: status only. Postfix
+		// sends nothing for an unknown request and the client hangs.
+		w.int("status", statFail)
+	}
+	w.end()
+}
+
+func (s *server) handleSeed(req *request, w *attrWriter) {
+	if !req.ok {
+		w.int("status", statFail)
+		w.data("seed", nil)
+		return
+	}
+	size := int32(req.num)
+	if size < 1 || size > 255 {
+		msg.warn("bogus seed length \"%d\" in \"seed\" request", size)
+		w.int("status", statFail)
+		w.data("seed", nil)
+		return
+	}
+	var buf [255]byte
+	seed := buf[:size]
+	if err := s.pool.read(seed); err != nil {
+		msg.warn("cannot generate %d seed bytes: %v", size, err)
+		w.int("status", statErr)
+		w.data("seed", nil)
+		return
+	}
+	w.int("status", statOK)
+	w.data("seed", seed)
+	clear(seed)
+}
+
+// cacheFor returns the cache a request names, or a status to answer with.
+func (s *server) cacheFor(req *request) (*cache, int) {
+	c, known := s.store.caches[req.strs[0]]
+	if !known {
+		msg.warn("bogus cache type \"%s\" in \"%s\" request", req.strs[0], req.name)
+		return nil, statFail
+	}
+	return c, statOK
+}
+
+func (s *server) handlePolicy(req *request, w *attrWriter) {
+	status, cachable, timeout := statFail, 0, int64(0)
+	if req.ok {
+		if c, st := s.cacheFor(req); c != nil {
+			status, timeout = statOK, c.timeout
+			if c.enabled() {
+				cachable = 1
+			}
+		} else {
+			status = st
+		}
+	}
+	w.int("status", status)
+	w.int("cachable", cachable)
+	w.int("timeout", int(timeout))
+}
+
+// cacheOp runs op on an enabled cache; a disabled cache answers FAIL
+// without a log line, as in Postfix.
+func (s *server) cacheOp(req *request, op func(*cache) int) int {
+	if !req.ok {
+		return statFail
+	}
+	c, st := s.cacheFor(req)
+	if c == nil {
+		return st
+	}
+	if !c.enabled() {
+		return statFail
+	}
+	return op(c)
+}
+
+func (s *server) handleLookup(req *request, w *attrWriter) {
+	var session []byte
+	status := s.cacheOp(req, func(c *cache) int {
+		var st int
+		session, st = s.store.lookup(c, req.strs[1])
+		return st
+	})
+	w.int("status", status)
+	w.data("session", session)
+}
+
+func (s *server) handleTktkey(req *request, w *attrWriter) {
+	if !req.ok {
+		w.int("status", statFail)
+		w.data("keybuf", nil)
+		return
+	}
+	if len(req.data) != 0 && len(req.data) != ticketNameLen {
+		msg.warn("invalid session ticket key name length: %d", len(req.data))
+		w.int("status", statFail)
+		w.data("keybuf", nil)
+		return
+	}
+	if s.keys.disabled() {
+		w.int("status", statErr)
+		w.data("keybuf", nil)
+		return
+	}
+	var key *ticketKey
+	var err error
+	if len(req.data) == 0 {
+		key, err = s.keys.issue()
+		if err != nil {
+			msg.warn("cannot create session ticket key: %v", err)
+			w.int("status", statErr)
+			w.data("keybuf", nil)
+			return
+		}
+	} else if key = s.keys.find(req.data); key == nil {
+		w.int("status", statErr)
+		w.data("keybuf", req.data) // Postfix echoes the name it could not find
+		return
+	}
+	buf := key.marshal()
+	w.int("status", statOK)
+	w.data("keybuf", buf[:])
+	clear(buf[:])
+}
+
+// Session-ticket keys (postfix-tlsmgr.md §3).
+const (
+	ticketNameLen = 16
+	ticketKeyLen  = 88 // sizeof(TLS_TICKET_KEY) on LP64
+)
+
+type ticketKey struct {
+	name [ticketNameLen]byte
+	bits [32]byte // cipher key; shorter ciphers use a prefix
+	hmac [32]byte
+	tout int64 // stop issuing tickets with this key at this UNIX time
+}
+
+// marshal lays the key out as Postfix's struct TLS_TICKET_KEY on amd64.
+func (k *ticketKey) marshal() [ticketKeyLen]byte {
+	var b [ticketKeyLen]byte
+	copy(b[0:16], k.name[:])
+	copy(b[16:48], k.bits[:])
+	copy(b[48:80], k.hmac[:])
+	binary.LittleEndian.PutUint64(b[80:], uint64(k.tout))
+	return b
+}
+
+// ticketKeys keeps the current and the previous key. A key issues tickets
+// for H = T/2 seconds and still decrypts them for another H.
+type ticketKeys struct {
+	mu        sync.Mutex
+	cur, prev *ticketKey
+	half      int64 // H; 0 when the smtpd cache timeout is 0
+	rand      io.Reader
+	now       func() time.Time
+}
+
+func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
+	return &ticketKeys{half: smtpdTimeout / 2, rand: rand, now: time.Now}
+}
+
+func (t *ticketKeys) disabled() bool { return t.half == 0 }
+
+// issue returns the current key, making a new one when it has stopped issuing.
+func (t *ticketKeys) issue() (*ticketKey, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now().Unix()
+	if t.cur != nil && t.cur.tout > now {
+		return t.cur, nil
+	}
+	k := &ticketKey{tout: now + t.half - 1}
+	for _, part := range [][]byte{k.name[:], k.bits[:], k.hmac[:]} {
+		if _, err := io.ReadFull(t.rand, part); err != nil {
+			return nil, err
+		}
+	}
+	if t.prev != nil {
+		*t.prev = ticketKey{} // wipe the retired key
+	}
+	t.prev, t.cur = t.cur, k
+	return k, nil
+}
+
+// find returns the key with this name while it may still decrypt tickets.
+func (t *ticketKeys) find(name []byte) *ticketKey {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now().Unix()
+	for _, k := range []*ticketKey{t.cur, t.prev} {
+		if k != nil && bytes.Equal(k.name[:], name) {
+			if k.tout+t.half > now {
+				return k
+			}
+			return nil
+		}
+	}
+	return nil
+}
+
+// serveListener accepts connections until the listener is closed.
+func (s *server) serveListener(ln net.Listener) {
+	var delay time.Duration
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off, keep serving.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			msg.warn("accept connection on %s: %v", s.streamName, err)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		select {
+		case s.connSlots <- struct{}{}:
+		default:
+			msg.warn("too many connections on %s: %d; closing the newest (raise tlsmgr_max_connections)", s.streamName, cap(s.connSlots))
+			conn.Close()
+			continue
+		}
+		go func() {
+			defer func() { <-s.connSlots }()
+			defer conn.Close()
+			s.serveConn(conn, conn.SetReadDeadline, true)
+		}()
+	}
+}
+
+// stdio joins stdin and stdout for -S mode.
+type stdio struct{}
+
+func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
+func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }

@@ -1,0 +1,155 @@
+// The -query client: one request to a running tlsmgr, the reply printed
+// one attribute a line, so that people can see the protocol work.
+//
+// SECURITY: it prints what the server sends, including session bytes and
+// ticket keys when asked for them; it is a tool for the socket's owner.
+
+package main
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"time"
+)
+
+// queryForms maps each request to the arguments it takes on the command line.
+var queryForms = map[string]string{
+	"seed":   "SIZE",
+	"policy": "CACHE",
+	"lookup": "CACHE ID",
+	"update": "CACHE ID SESSION-TEXT",
+	"delete": "CACHE ID",
+	"tktkey": "[HEX-KEYNAME]",
+}
+
+func runQuery(socket string, args []string) int {
+	w := &attrWriter{}
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: -query needs a request: seed SIZE, policy CACHE, lookup CACHE ID, update CACHE ID TEXT, delete CACHE ID, tktkey [HEXNAME]")
+		return 2
+	}
+	req, rest := args[0], args[1:]
+	form, known := queryForms[req]
+	if !known {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: unknown request %q; known: seed, policy, lookup, update, delete, tktkey\n", req)
+		return 2
+	}
+	bad := func() int {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: usage: tlsmgr -query %s %s\n", req, form)
+		return 2
+	}
+	w.str("request", req)
+	switch req {
+	case "seed":
+		if len(rest) != 1 {
+			return bad()
+		}
+		w.str("size", rest[0])
+	case "policy":
+		if len(rest) != 1 {
+			return bad()
+		}
+		w.str("cache_type", rest[0])
+	case "lookup", "delete":
+		if len(rest) != 2 {
+			return bad()
+		}
+		w.str("cache_type", rest[0])
+		w.str("cache_id", rest[1])
+	case "update":
+		if len(rest) != 3 {
+			return bad()
+		}
+		w.str("cache_type", rest[0])
+		w.str("cache_id", rest[1])
+		w.data("session", []byte(rest[2]))
+	case "tktkey":
+		var name []byte
+		if len(rest) > 1 {
+			return bad()
+		}
+		if len(rest) == 1 {
+			var err error
+			if name, err = hex.DecodeString(rest[0]); err != nil {
+				return bad()
+			}
+		}
+		w.data("keyname", name)
+	}
+	w.end()
+
+	conn, err := net.DialTimeout("unix", socket, 5*time.Second)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: connect to %s: %v (is tlsmgr -listen %s running?)\n", socket, err, socket)
+		return 1
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := &attrReader{br: bufio.NewReader(conn), streamName: socket}
+	announce, err := readList(r)
+	if err != nil || len(announce) != 1 || announce[0][0] != "protocol" || announce[0][1] != "tlsmgr_protocol" {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: %s did not announce tlsmgr_protocol (%v)\n", socket, err)
+		return 1
+	}
+	if _, err := conn.Write(w.buf); err != nil {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: send to %s: %v\n", socket, err)
+		return 1
+	}
+	reply, err := readList(r)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: read reply from %s: %v\n", socket, err)
+		return 1
+	}
+	for _, kv := range reply {
+		fmt.Println(describeAttr(kv[0], kv[1]))
+	}
+	return 0
+}
+
+// readList reads one attr0 list as name/value pairs.
+func readList(r *attrReader) ([][2]string, error) {
+	var list [][2]string
+	for {
+		name, err := r.token("reply attribute name")
+		if err != nil {
+			return nil, err
+		}
+		if len(name) == 0 {
+			return list, nil
+		}
+		n := string(name)
+		value, err := r.token("reply attribute value")
+		if err != nil {
+			return nil, err
+		}
+		list = append(list, [2]string{n, string(value)})
+	}
+}
+
+// describeAttr prints statuses signed and binary values in hex.
+func describeAttr(name, value string) string {
+	switch name {
+	case "status":
+		if n, err := strconv.ParseUint(value, 10, 32); err == nil {
+			return fmt.Sprintf("status=%d", int32(n))
+		}
+	case "seed", "session", "keybuf":
+		b, err := base64.StdEncoding.DecodeString(value)
+		if err != nil {
+			break
+		}
+		if name == "keybuf" && len(b) == ticketKeyLen {
+			tout := int64(uint64(b[80]) | uint64(b[81])<<8 | uint64(b[82])<<16 | uint64(b[83])<<24 |
+				uint64(b[84])<<32 | uint64(b[85])<<40 | uint64(b[86])<<48 | uint64(b[87])<<56)
+			return fmt.Sprintf("keybuf: name=%x expires=%s (cipher and HMAC keys not shown)",
+				b[:16], time.Unix(tout, 0).UTC().Format(time.RFC3339))
+		}
+		return fmt.Sprintf("%s=%x (%d bytes)", name, b, len(b))
+	}
+	return name + "=" + value
+}
