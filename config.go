@@ -230,7 +230,7 @@ func (c *config) readTOML(path string) error {
 	keys := md.Keys()
 	for _, k := range keys {
 		name := k.String()
-		if len(k) != 1 {
+		if _, isTable := doc[k[0]].(map[string]any); len(k) != 1 || isTable {
 			return fmt.Errorf("TOML file %s: key %s: tables are not used; write parameters at the top level", path, name)
 		}
 		spec, known := params[name]
@@ -460,7 +460,7 @@ func (c *config) expandBraced(inner string, depth int) (string, error) {
 	if j == 0 {
 		return "", errors.New("empty macro name")
 	}
-	name, rest := body[:j], body[j:]
+	name, rest := body[:j], strings.TrimLeft(body[j:], " \t")
 	if rest == "" {
 		return c.lookupExpanded(name, depth)
 	}

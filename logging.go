@@ -9,6 +9,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -25,16 +26,17 @@ type logger struct {
 	postlog  *net.UnixConn // connected to postlogd's socket before chroot
 	host     string        // first label of myhostname, for postlog records
 	stderr   bool
+	out      io.Writer // where stderr lines go; tests swap it
 	verbose  int
 	exitHook func() // runs before a fatal exit (saves nothing; closes the store)
 }
 
 // msg is the process-wide logger (Postfix's msg_info, msg_warn, msg_fatal); it writes to stderr until setup runs.
-var msg = &logger{tag: "tlsmgr", stderr: true}
+var msg = &logger{tag: "tlsmgr", stderr: true, out: os.Stderr}
 
 type logSetup struct {
 	tag, facility, maillogFile, prefixes, postlogPath, host string
-	stderr, noSyslog                                         bool
+	stderr, noSyslog                                        bool
 }
 
 // setup connects the log sinks. It runs before chroot so that the sockets
@@ -90,7 +92,7 @@ func (l *logger) emit(prio gsyslog.Priority, prefix, format string, args ...any)
 		l.syslog.WriteLevel(prio, []byte(text))
 	}
 	if l.stderr {
-		fmt.Fprintf(os.Stderr, "%s[%d]: %s\n", l.tag, os.Getpid(), text)
+		fmt.Fprintf(l.out, "%s[%d]: %s\n", l.tag, os.Getpid(), text)
 	}
 }
 

@@ -250,8 +250,7 @@ func openEntropySource(spec string, bytes int) *entropySource {
 		s.kind, s.path = "file", spec
 		f, err := os.Open(s.path)
 		if err != nil {
-			s.broken = true // Postfix is silent here and simply has no source
-			s.kind = ""
+			s.broken = true // silent here, as in Postfix; the first reseed exits to reopen
 			break
 		}
 		s.file = f
@@ -278,7 +277,7 @@ func (e errExitToReopen) Error() string { return e.text }
 func (s *entropySource) gather() ([]byte, error) {
 	n := min(s.bytes, 255)
 	switch {
-	case s.broken && s.kind != "":
+	case s.broken:
 		return nil, errExitToReopen{fmt.Sprintf("exiting to reopen external entropy source %s", s.spec)}
 	case s.kind == "dev":
 		buf := make([]byte, n)

@@ -201,9 +201,9 @@ type server struct {
 	keys         *ticketKeys
 	ipcTimeout   time.Duration
 	streamName   string
-	connSlots    chan struct{}   // bounds concurrent connections
-	busy, idle   func()          // master(8) status records, or nil
-	strayArg     string          // a non-option argument: fatal at the first request
+	connSlots    chan struct{} // bounds concurrent connections
+	busy, idle   func()        // master(8) status records, or nil
+	strayArg     string        // a non-option argument: fatal at the first request
 	firstRequest sync.Once
 }
 
