@@ -1,0 +1,400 @@
+package main
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	builtPath string
+	buildErr  error
+)
+
+// tlsmgrBinary builds tlsmgr once per test run.
+func tlsmgrBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "tlsmgr-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtPath = filepath.Join(dir, "tlsmgr")
+		out, err := exec.Command("go", "build", "-o", builtPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = err
+			t.Logf("go build: %s", out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build tlsmgr: %v", buildErr)
+	}
+	return builtPath
+}
+
+// fakeMaster runs the binary the way master(8) does: fds 3 and 4 a pipe,
+// fd 5 the status socket, fd 6 the listening socket, GENERATION in octal.
+type fakeMaster struct {
+	t        *testing.T
+	dir      string
+	cmd      *exec.Cmd
+	status   *os.File // our end of fd 5
+	sock     string
+	stderr   *lockedBuffer
+	exited   chan struct{}
+	exitCode int
+}
+
+func mainCFFor(dir string) string {
+	owner := "nobody"
+	if u, err := user.Current(); err == nil && u.Uid != "0" {
+		owner = u.Username
+	}
+	return strings.Join([]string{
+		"queue_directory = " + dir + "/queue",
+		"data_directory = " + dir + "/data",
+		"mail_owner = " + owner,
+		"smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache",
+		"smtp_tls_session_cache_database = btree:${data_directory}/smtp_scache",
+		"smtpd_tls_session_cache_timeout = 3600s",
+		"",
+	}, "\n")
+}
+
+func startMaster(t *testing.T, dir, mainCF string, args ...string) *fakeMaster {
+	t.Helper()
+	for _, d := range []string{"queue", "data"} {
+		os.MkdirAll(filepath.Join(dir, d), 0755)
+		if u, err := user.Lookup("nobody"); err == nil && os.Geteuid() == 0 {
+			var uid, gid int
+			fmtSscan(u.Uid, &uid)
+			fmtSscan(u.Gid, &gid)
+			os.Chown(filepath.Join(dir, d), uid, gid)
+		}
+	}
+	writeFile(t, dir, "main.cf", mainCF)
+	sock := filepath.Join(dir, "queue", "tlsmgr")
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lnFile, _ := ln.(*net.UnixListener).File()
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	pr, pw, _ := os.Pipe()
+	pair, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs := os.NewFile(uintptr(pair[0]), "status"), os.NewFile(uintptr(pair[1]), "child status")
+	m := &fakeMaster{t: t, dir: dir, status: ours, sock: sock, stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	m.cmd = exec.Command(tlsmgrBinary(t), args...)
+	m.cmd.Args[0] = "tlsmgr"
+	generation := "21"
+	if g := os.Getenv("TLSMGR_TEST_GENERATION"); g != "" {
+		generation = g
+	}
+	m.cmd.Env = []string{"MAIL_CONFIG=" + dir, "GENERATION=" + generation, "PATH=/usr/bin:/bin"}
+	m.cmd.ExtraFiles = []*os.File{pr, pw, theirs, lnFile} // fds 3, 4, 5, 6
+	m.cmd.Stderr = &syncWriter{b: m.stderr}
+	if err := m.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pr.Close()
+	pw.Close()
+	theirs.Close()
+	lnFile.Close()
+	go func() {
+		m.cmd.Wait()
+		m.exitCode = m.cmd.ProcessState.ExitCode()
+		close(m.exited)
+	}()
+	t.Cleanup(func() {
+		m.cmd.Process.Kill()
+		<-m.exited
+		ours.Close()
+	})
+	return m
+}
+
+func fmtSscan(s string, n *int) {
+	for _, c := range s {
+		*n = *n*10 + int(c-'0')
+	}
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	b  *lockedBuffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (m *fakeMaster) log() string {
+	m.cmd.Stderr.(*syncWriter).mu.Lock()
+	defer m.cmd.Stderr.(*syncWriter).mu.Unlock()
+	return m.stderr.String()
+}
+
+// wait returns the exit code, or fails the test after the timeout.
+func (m *fakeMaster) wait(timeout time.Duration) int {
+	m.t.Helper()
+	select {
+	case <-m.exited:
+		return m.exitCode
+	case <-time.After(timeout):
+		m.t.Fatalf("tlsmgr still running after %v; log:\n%s", timeout, m.log())
+		return -1
+	}
+}
+
+// waitSocket waits until the daemon answers on the socket.
+func (m *fakeMaster) dial() *client {
+	m.t.Helper()
+	for i := 0; i < 100; i++ {
+		select {
+		case <-m.exited:
+			m.t.Fatalf("tlsmgr exited with %d; log:\n%s", m.exitCode, m.log())
+		default:
+		}
+		if c, err := net.Dial("unix", m.sock); err == nil {
+			c.Close()
+			return dial(m.t, m.sock)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	m.t.Fatalf("no answer on %s; log:\n%s", m.sock, m.log())
+	return nil
+}
+
+// The status records, the trigger, and master's disconnect (§10.2, 10.17, 10.19).
+func TestUnderFakeMaster(t *testing.T) {
+	dir := t.TempDir()
+	m := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "-V")
+	c := m.dial()
+	if got := c.req("request", "policy", "cache_type", "smtpd"); got != "status=0 cachable=1 timeout=3600" {
+		t.Errorf("policy: %s", got)
+	}
+	var rec [24]byte
+	m.status.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := readFullFile(m.status, rec[:]); err != nil {
+		t.Fatalf("status records: %v", err)
+	}
+	pid := uint32(m.cmd.Process.Pid)
+	for i, avail := range []uint32{0, 1} {
+		r := rec[i*12:]
+		if binary.LittleEndian.Uint32(r) != pid || binary.LittleEndian.Uint32(r[4:]) != 021 || binary.LittleEndian.Uint32(r[8:]) != avail {
+			t.Errorf("status record %d = % x, want pid %d, generation 17, avail %d", i, r[:12], pid, avail)
+		}
+	}
+	trig := m.dial()
+	trig.conn.Write([]byte("W\x00"))
+	if !trig.closed() {
+		t.Error("trigger connection not closed")
+	}
+	exch := filepath.Join(dir, "data", "prng_exch")
+	before, _ := os.ReadFile(exch)
+	if st, err := os.Stat(exch); err != nil || st.Mode().Perm() != 0600 || len(before) != 1024 {
+		t.Fatalf("exchange file: %v, %d bytes", err, len(before))
+	}
+	m.status.Close() // master goes away, or "postfix reload"
+	if code := m.wait(5 * time.Second); code != 0 {
+		t.Errorf("exit code %d after master disconnect, want 0", code)
+	}
+	after, _ := os.ReadFile(exch)
+	if bytes.Equal(before, after) || len(after) != 1024 {
+		t.Error("exchange file not rewritten on exit")
+	}
+
+	// A second start finds the caches empty.
+	m2 := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d")
+	c2 := m2.dial()
+	c2.req("request", "update", "cache_type", "smtp", "cache_id", "k", "session", b64("v"))
+	m2.status.Close()
+	m2.wait(5 * time.Second)
+	m3 := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d")
+	if got := m3.dial().req("request", "lookup", "cache_type", "smtp", "cache_id", "k"); got != "status=4294967295 session=" {
+		t.Errorf("cache survived a restart: %s", got)
+	}
+}
+
+func readFullFile(f *os.File, b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		m, err := f.Read(b[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// Start-up failures: one fatal line and exit 1 (§10.11, §10.19).
+func TestStartupFatals(t *testing.T) {
+	for _, tc := range []struct {
+		name, extraCF string
+		args          []string
+		want          string
+	}{
+		{"no process limit", "", []string{"-t", "unix", "-d"}, "fatal: service tlsmgr requires a process limit of 1"},
+		{"bad time unit", "smtp_tls_session_cache_timeout = 10x\n", []string{"-l", "-t", "unix", "-d"},
+			"fatal: parameter smtp_tls_session_cache_timeout: bad time value or unit: 10x"},
+		{"timeout out of range", "smtpd_tls_session_cache_timeout = 9000000\n", []string{"-l", "-t", "unix", "-d"},
+			"fatal: invalid smtpd_tls_session_cache_timeout: 9000000 (max 8640000)"},
+		{"same database twice", "lmtp_tls_session_cache_database = btree:${data_directory}/smtp_scache\n", []string{"-l", "-t", "unix", "-d"},
+			"fatal: do not use the same TLS cache file btree:" + "DIR/data/smtp_scache for smtp and lmtp"},
+		{"-o override is checked too", "", []string{"-l", "-t", "unix", "-d", "-o", "tls_random_bytes=0"},
+			"fatal: invalid tls_random_bytes parameter value 0 < 1"},
+		{"unknown option", "", []string{"-l", "-t", "unix", "-d", "-q"}, "fatal: invalid option: q"},
+		{"bad transport", "", []string{"-l", "-t", "fifo", "-d"}, "fatal: unsupported transport type: fifo"},
+		{"bad generation", "GENERATION=9z", []string{"-l", "-t", "unix", "-d"}, "fatal: bad generation: 9z"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cf := mainCFFor(dir)
+			if !strings.HasPrefix(tc.extraCF, "GENERATION=") {
+				cf += tc.extraCF
+			}
+			m := startMasterEnv(t, dir, cf, tc.extraCF, tc.args...)
+			if code := m.wait(10 * time.Second); code != 1 {
+				t.Errorf("exit code %d, want 1", code)
+			}
+			want := strings.ReplaceAll(tc.want, "DIR", dir)
+			lines := strings.Split(strings.TrimSpace(m.log()), "\n")
+			if last := lines[len(lines)-1]; !strings.Contains(last, want) {
+				t.Errorf("last log line %q, want %q", last, want)
+			}
+		})
+	}
+}
+
+func startMasterEnv(t *testing.T, dir, cf, env string, args ...string) *fakeMaster {
+	if strings.HasPrefix(env, "GENERATION=") {
+		t.Setenv("TLSMGR_TEST_GENERATION", strings.TrimPrefix(env, "GENERATION="))
+	}
+	m := startMaster(t, dir, cf, args...)
+	return m
+}
+
+// A stray argument is fatal when the first request arrives, as in Postfix.
+func TestStrayArgumentAtFirstRequest(t *testing.T) {
+	dir := t.TempDir()
+	m := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "surprise")
+	c := m.dial()
+	c.conn.Write([]byte("request\x00seed\x00size\x0032\x00\x00"))
+	if code := m.wait(5 * time.Second); code != 1 || !strings.Contains(m.log(), "fatal: unexpected command-line argument: surprise") {
+		t.Errorf("exit %d, log %q", code, m.log())
+	}
+}
+
+// Exits that let master(8) restart us with fresh sources (§10.17-18).
+func TestExitToReopen(t *testing.T) {
+	t.Run("dev: source missing", func(t *testing.T) {
+		dir := t.TempDir()
+		m := startMaster(t, dir, mainCFFor(dir)+"tls_random_source = dev:"+dir+"/nodev\n", "-l", "-t", "unix", "-d")
+		if code := m.wait(10 * time.Second); code != 0 {
+			t.Errorf("exit %d, want 0", code)
+		}
+		for _, want := range []string{"warning: cannot open entropy device " + dir + "/nodev", "exiting to reopen external entropy source dev:" + dir + "/nodev"} {
+			if !strings.Contains(m.log(), want) {
+				t.Errorf("log lacks %q:\n%s", want, m.log())
+			}
+		}
+		if st, err := os.Stat(filepath.Join(dir, "data", "prng_exch")); err != nil || st.Size() != 1024 {
+			t.Errorf("exchange file not saved before the exit: %v", err)
+		}
+	})
+	t.Run("exchange file removed", func(t *testing.T) {
+		dir := t.TempDir()
+		m := startMaster(t, dir, mainCFFor(dir)+"tls_random_prng_update_period = 1s\n", "-l", "-t", "unix", "-d")
+		m.dial()
+		os.Remove(filepath.Join(dir, "data", "prng_exch"))
+		if code := m.wait(10 * time.Second); code != 0 {
+			t.Errorf("exit %d, want 0", code)
+		}
+		if !strings.Contains(m.log(), "warning: PRNG exchange file was removed -- exiting to reopen") {
+			t.Errorf("log:\n%s", m.log())
+		}
+	})
+}
+
+// -S serves one stream on stdin and stdout, without the announcement.
+func TestStdinStream(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "queue"), 0755)
+	os.MkdirAll(filepath.Join(dir, "data"), 0755)
+	writeFile(t, dir, "main.cf", mainCFFor(dir))
+	cmd := exec.Command(tlsmgrBinary(t), "-S")
+	cmd.Env = []string{"MAIL_CONFIG=" + dir}
+	cmd.Stdin = strings.NewReader("request\x00policy\x00cache_type\x00smtp\x00\x00")
+	out, err := cmd.Output()
+	if err != nil || string(out) != "status\x000\x00cachable\x001\x00timeout\x003600\x00\x00" {
+		t.Errorf("-S output %q, %v", out, err)
+	}
+}
+
+// The standalone mode and the query client, as the README shows them.
+func TestStandaloneAndQuery(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "tlsmgr.sock")
+	cmd := exec.Command(tlsmgrBinary(t), "-listen", sock, "-data", filepath.Join(dir, "data"))
+	var stderr lockedBuffer
+	cmd.Stderr = &syncWriter{b: &stderr}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
+	query := func(args ...string) string {
+		for i := 0; i < 100; i++ {
+			out, err := exec.Command(tlsmgrBinary(t), append([]string{"-query", "-socket", sock}, args...)...).CombinedOutput()
+			if err == nil {
+				return string(out)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("query %v never succeeded; server log:\n%s", args, stderr.String())
+		return ""
+	}
+	if out := query("seed", "16"); !strings.HasPrefix(out, "status=0\nseed=") || !strings.Contains(out, "(16 bytes)") {
+		t.Errorf("seed: %q", out)
+	}
+	for _, cache := range []string{"smtpd", "smtp", "lmtp"} {
+		if out := query("policy", cache); out != "status=0\ncachable=1\ntimeout=3600\n" {
+			t.Errorf("policy %s: %q", cache, out)
+		}
+	}
+	query("update", "lmtp", "id1", "hello")
+	if out := query("lookup", "lmtp", "id1"); out != "status=0\nsession=68656c6c6f (5 bytes)\n" {
+		t.Errorf("lookup: %q", out)
+	}
+	if out := query("tktkey"); !strings.HasPrefix(out, "status=0\nkeybuf: name=") {
+		t.Errorf("tktkey: %q", out)
+	}
+	for _, f := range []string{"tlsmgr.sqlite", "prng_exch"} {
+		if _, err := os.Stat(filepath.Join(dir, "data", f)); err != nil {
+			t.Errorf("standalone data: %v", err)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left behind after SIGTERM: %v", err)
+	}
+}
