@@ -257,3 +257,22 @@ func TestDaemonArgs(t *testing.T) {
 		}
 	}
 }
+
+func TestDataRedirect(t *testing.T) {
+	dir := t.TempDir()
+	logged := captureLog(t)
+	uid := os.Getuid()
+	if got := dataRedirect("file", dir+"/prng_exch", "/data", uid); got != dir+"/prng_exch" {
+		t.Errorf("own directory redirected to %s", got)
+	}
+	if got := dataRedirect("file", dir+"/prng_exch", "/data", uid+1); got != "/data/prng_exch" {
+		t.Errorf("foreign directory: %s", got)
+	}
+	want := "warning: request to update file " + dir + "/prng_exch in non-postfix directory " + dir
+	if !strings.Contains(logged(), want) || !strings.Contains(logged(), "warning: redirecting the request to postfix-owned data_directory /data") {
+		t.Errorf("log %q", logged())
+	}
+	if got := dataRedirect("table", dir+"/x", "/data", -1); got != dir+"/x" {
+		t.Errorf("standalone (no mail_owner) redirected to %s", got)
+	}
+}

@@ -350,8 +350,8 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		}
 		second := p.logText()[offs[1]:]
 		pid := regexp.QuoteMeta(smtpPIDs[1])
-		if !regexp.MustCompile(`smtp\[` + pid + `\]: .*reloaded session .* from smtp cache`).MatchString(second) ||
-			!regexp.MustCompile(`smtp\[` + pid + `\]: .*Reusing old session`).MatchString(second) {
+		if !regexp.MustCompile(`smtp\[`+pid+`\]: .*reloaded session .* from smtp cache`).MatchString(second) ||
+			!regexp.MustCompile(`smtp\[`+pid+`\]: .*Reusing old session`).MatchString(second) {
 			t.Errorf("second delivery (smtp pid %s) did not reuse the cached session:\n%s", smtpPIDs[1], second)
 		}
 	})

@@ -70,6 +70,9 @@ func (l *logger) setup(s logSetup) error {
 	if s.noSyslog {
 		return nil
 	}
+	if !syslogFacilities[strings.ToLower(s.facility)] {
+		return fmt.Errorf("parameter syslog_facility: unknown syslog facility: %s (allowed: auth, authpriv, cron, daemon, ftp, kern, lpr, mail, news, syslog, user, uucp, local0 to local7)", s.facility)
+	}
 	sl, err := gsyslog.NewLogger(gsyslog.LOG_INFO, strings.ToUpper(s.facility), s.tag)
 	if err != nil {
 		// No /dev/log (containers, CI): stderr is the only place left.
@@ -78,6 +81,13 @@ func (l *logger) setup(s logSetup) error {
 	}
 	l.syslog = sl
 	return nil
+}
+
+// syslogFacilities are the names go-syslog knows, as Postfix accepts them.
+var syslogFacilities = map[string]bool{
+	"kern": true, "user": true, "mail": true, "daemon": true, "auth": true, "syslog": true, "lpr": true,
+	"news": true, "uucp": true, "cron": true, "authpriv": true, "ftp": true, "local0": true, "local1": true,
+	"local2": true, "local3": true, "local4": true, "local5": true, "local6": true, "local7": true,
 }
 
 func (l *logger) emit(prio gsyslog.Priority, prefix, format string, args ...any) {

@@ -53,7 +53,7 @@ func main() {
 // isStandaloneFlag tells our long flags from Postfix's one-letter options.
 func isStandaloneFlag(a string) bool {
 	switch strings.TrimLeft(a, "-") {
-	case "listen", "query", "config", "data", "socket", "help", "h", "mailconfig":
+	case "listen", "query", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
 		return strings.HasPrefix(a, "-")
 	}
 	return strings.HasPrefix(a, "--")
@@ -179,6 +179,8 @@ func runStandalone(args []string) {
 	tomlFile := fs.String("config", "", "TOML `file` with parameters (see tlsmgr.toml.example)")
 	dataDir := fs.String("data", "./tlsmgr-data", "`directory` for the session database and the PRNG exchange file")
 	mailConfig := fs.String("mailconfig", "", "also read main.cf from this Postfix config `directory`")
+	repeat := fs.Int("repeat", 1, "with -query: send the request this many `times` on one connection")
+	raw := fs.Bool("raw", false, "with -query: write the decoded payload bytes to stdout instead of text")
 	verbose := fs.Bool("v", false, "verbose logging")
 	var overrides []string
 	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
@@ -191,7 +193,7 @@ func runStandalone(args []string) {
 	}
 	fs.Parse(args)
 	if *query {
-		os.Exit(runQuery(*socket, fs.Args()))
+		os.Exit(runQuery(*socket, fs.Args(), *repeat, *raw))
 	}
 	if *listen == "" {
 		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, or -query to ask a running tlsmgr")
@@ -321,21 +323,27 @@ func openDaemon(cfg *config, owner *mailOwner) *daemon {
 		msg.fatal("%v", err)
 	}
 	d.source = openEntropySource(cfg.mustStr("tls_random_source"), int(cfg.mustNum("tls_random_bytes")))
+	dataDir := cfg.mustStr("data_directory")
 	if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
+		name = dataRedirect("file", name, dataDir, uid)
 		if d.exchange, err = openExchangeFile(name, uid, gid); err != nil {
 			msg.fatal("%v", err)
 		}
 	}
 	var caches []cacheConfig
 	for _, label := range cacheLabels {
+		database := cfg.mustStr(label + "_tls_session_cache_database")
+		if database != "" && !strings.Contains(database, ":") {
+			database = cfg.mustStr("default_database_type") + ":" + database
+		}
 		caches = append(caches, cacheConfig{
 			label:    label,
-			database: cfg.mustStr(label + "_tls_session_cache_database"),
+			database: database,
 			timeout:  cfg.mustNum(label + "_tls_session_cache_timeout"),
 			loglevel: cfg.mustStr(label + "_tls_loglevel"),
 		})
 	}
-	d.store, err = openStore(cfg.mustStr("tlsmgr_database"), caches, uid, gid, int(cfg.mustNum("tlsmgr_sweep_batch_size")))
+	d.store, err = openStore(dataRedirect("table", cfg.mustStr("tlsmgr_database"), dataDir, uid), caches, uid, gid, int(cfg.mustNum("tlsmgr_sweep_batch_size")))
 	if err != nil {
 		msg.fatal("%v", err)
 	}
@@ -467,6 +475,23 @@ func runDebugger(cfg *config) {
 	if err := runShell(command); err != nil {
 		msg.warn("debugger_command: %v", err)
 	}
+}
+
+// dataRedirect keeps files that mail_owner writes out of directories it
+// does not own, as Postfix's data_redirect does: such a request goes to
+// data_directory instead, with two warnings.
+func dataRedirect(kind, path, dataDir string, ownerUID int) string {
+	if ownerUID < 0 {
+		return path
+	}
+	parent := filepath.Dir(path)
+	var st syscall.Stat_t
+	if err := syscall.Stat(parent, &st); err != nil || int(st.Uid) == ownerUID {
+		return path
+	}
+	msg.warn("request to update %s %s in non-postfix directory %s", kind, path, parent)
+	msg.warn("redirecting the request to postfix-owned data_directory %s", dataDir)
+	return filepath.Join(dataDir, filepath.Base(path))
 }
 
 func fileExists(path string) bool {

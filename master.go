@@ -111,16 +111,22 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 
 // masterStatus writes the 12-byte status records master(8) expects:
 // {int32 pid, uint32 generation, int32 avail}. Connections are served
-// concurrently, so we report "taken" when the first request starts and
-// "available" when the last one ends; with a process limit of 1 master
-// needs no more.
+// concurrently, so we say "taken" when a request starts while we are
+// marked available, and "available" once no request has been in flight
+// for availDelay. With a process limit of 1 master needs no more, and a
+// busy server does not wake master twice per request.
 type masterStatus struct {
 	mu         sync.Mutex
 	file       *os.File
 	generation uint32
 	inFlight   int
-	onLost     func() // master is gone: save state and exit
+	taken      bool        // the last record sent said "taken"
+	availTimer *time.Timer // pending "available" record
+	onLost     func()      // master is gone: save state and exit
 }
+
+// availDelay is how long we stay "taken" after the last request ends.
+const availDelay = 20 * time.Millisecond
 
 // generationFromEnv parses $GENERATION, which master(8) writes in octal.
 func generationFromEnv() (uint32, error) {
@@ -148,16 +154,32 @@ func (m *masterStatus) busy() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.inFlight++
-	if m.inFlight == 1 {
+	if !m.taken {
+		m.taken = true
 		m.send(0)
 	}
 }
 
 func (m *masterStatus) idle() {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.inFlight--
+	if m.inFlight > 0 {
+		return
+	}
+	if m.availTimer == nil {
+		m.availTimer = time.AfterFunc(availDelay, m.sendAvail)
+	} else {
+		m.availTimer.Reset(availDelay)
+	}
+}
+
+// sendAvail runs when no request has been in flight for availDelay.
+func (m *masterStatus) sendAvail() {
+	m.mu.Lock()
 	var err error
-	if m.inFlight == 0 {
+	if m.inFlight == 0 && m.taken {
+		m.taken = false
 		err = m.send(1)
 	}
 	m.mu.Unlock()
@@ -279,4 +301,21 @@ func watchdog(timeout time.Duration, check func()) {
 			msg.fatal("watchdog timeout")
 		}
 	}
+}
+
+// openOwned opens or creates a file with mode 0600 and, when we run as
+// root, gives it to mail_owner (uid, gid), so that it stays writable after
+// the privilege drop. uid -1 leaves the owner alone.
+func openOwned(path string, uid, gid int) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0600)
+	if err != nil {
+		return nil, err
+	}
+	if os.Geteuid() == 0 && uid >= 0 {
+		if err := f.Chown(uid, gid); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return f, nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -193,7 +194,7 @@ func TestUnderFakeMaster(t *testing.T) {
 	}
 	var rec [24]byte
 	m.status.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := readFullFile(m.status, rec[:]); err != nil {
+	if _, err := io.ReadFull(m.status, rec[:]); err != nil {
 		t.Fatalf("status records: %v", err)
 	}
 	pid := uint32(m.cmd.Process.Pid)
@@ -234,18 +235,6 @@ func TestUnderFakeMaster(t *testing.T) {
 	}
 }
 
-func readFullFile(f *os.File, b []byte) (int, error) {
-	n := 0
-	for n < len(b) {
-		m, err := f.Read(b[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
-}
-
 // Start-up failures: one fatal line and exit 1 (§10.11, §10.19).
 func TestStartupFatals(t *testing.T) {
 	for _, tc := range []struct {
@@ -262,6 +251,8 @@ func TestStartupFatals(t *testing.T) {
 			"fatal: do not use the same TLS cache file btree:" + "DIR/data/smtp_scache for smtp and lmtp"},
 		{"-o override is checked too", "", []string{"-l", "-t", "unix", "-d", "-o", "tls_random_bytes=0"},
 			"fatal: invalid tls_random_bytes parameter value 0 < 1"},
+		{"unknown syslog facility", "syslog_facility = mial\n", []string{"-l", "-t", "unix", "-d"},
+			"fatal: parameter syslog_facility: unknown syslog facility: mial"},
 		{"unknown option", "", []string{"-l", "-t", "unix", "-d", "-q"}, "fatal: invalid option: q"},
 		{"bad transport", "", []string{"-l", "-t", "fifo", "-d"}, "fatal: unsupported transport type: fifo"},
 		{"bad generation", "GENERATION=9z", []string{"-l", "-t", "unix", "-d"}, "fatal: bad generation: 9z"},
@@ -386,6 +377,10 @@ func TestStandaloneAndQuery(t *testing.T) {
 	}
 	if out := query("tktkey"); !strings.HasPrefix(out, "status=0\nkeybuf: name=") {
 		t.Errorf("tktkey: %q", out)
+	}
+	raw, err := exec.Command(tlsmgrBinary(t), "-query", "-socket", sock, "-raw", "-repeat", "100", "seed", "255").Output()
+	if err != nil || len(raw) != 25500 {
+		t.Errorf("-raw -repeat 100 seed 255: %d bytes, %v", len(raw), err)
 	}
 	for _, f := range []string{"tlsmgr.sqlite", "prng_exch"} {
 		if _, err := os.Stat(filepath.Join(dir, "data", f)); err != nil {

@@ -96,7 +96,8 @@ func (d *hashDRBG) generate(out, additional []byte) error {
 		h.Write([]byte{2})
 		h.Write(d.v[:])
 		h.Write(additional)
-		addInto(&d.v, h.Sum(nil))
+		var w [sha256.Size]byte
+		addInto(&d.v, h.Sum(w[:0]))
 	}
 	data := d.v
 	var block [sha256.Size]byte
@@ -105,10 +106,11 @@ func (d *hashDRBG) generate(out, additional []byte) error {
 		copy(out[n:], block[:])
 		addInto(&data, []byte{1})
 	}
-	h := sha256.New()
-	h.Write([]byte{3})
-	h.Write(d.v[:])
-	addInto(&d.v, h.Sum(nil))
+	var prefixed [1 + seedLenBytes]byte // 0x03 || V
+	prefixed[0] = 3
+	copy(prefixed[1:], d.v[:])
+	block = sha256.Sum256(prefixed[:])
+	addInto(&d.v, block[:])
 	addInto(&d.v, d.c[:])
 	var ctr [8]byte
 	binary.BigEndian.PutUint64(ctr[:], d.reseedCounter)
@@ -364,15 +366,9 @@ type exchangeFile struct {
 // openExchangeFile opens or creates the file, mode 0600, owned by uid/gid
 // (mail_owner) when we run as root.
 func openExchangeFile(path string, uid, gid int) (*exchangeFile, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0600)
+	f, err := openOwned(path, uid, gid)
 	if err != nil {
 		return nil, fmt.Errorf("tls_prng_exch_open: cannot open PRNG exchange file %s: %s", path, errText(err))
-	}
-	if os.Geteuid() == 0 && uid >= 0 {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("tls_prng_exch_open: cannot chown PRNG exchange file %s: %s", path, errText(err))
-		}
 	}
 	return &exchangeFile{path: path, file: f}, nil
 }

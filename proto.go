@@ -54,6 +54,15 @@ var requestAttrs = map[string][]wantAttr{
 	"tktkey": {{"keyname", attrData}},
 }
 
+// requestNames interns the request names of requestAttrs.
+var requestNames = func() map[string]string {
+	m := map[string]string{}
+	for name := range requestAttrs {
+		m[name] = name
+	}
+	return m
+}()
+
 // errors that end a connection without a reply
 var (
 	errClientGone = errors.New("client closed the connection")
@@ -65,6 +74,7 @@ type attrReader struct {
 	br         *bufio.Reader
 	streamName string // "tlsmgr socket", as in Postfix's warnings
 	tok        []byte
+	req        *request // reused by readRequest when set
 }
 
 // token reads one NUL-terminated string. io.EOF before its first byte is
@@ -217,6 +227,7 @@ func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, 
 	}
 	r := &attrReader{br: bufio.NewReaderSize(rw, 4096), streamName: s.streamName}
 	w := &attrWriter{buf: make([]byte, 0, 512)}
+	r.req = new(request) // reused for every request of this connection
 	for {
 		if setDeadline != nil {
 			setDeadline(time.Now().Add(s.ipcTimeout))
@@ -262,9 +273,15 @@ func (s *server) readRequest(r *attrReader) (*request, error) {
 	if err != nil {
 		return nil, err
 	}
+	req := r.req
+	if req == nil {
+		req = new(request)
+	}
+	*req = request{}
 	fail := func(name string) (*request, error) {
 		r.br.Discard(r.br.Buffered()) // Postfix drops what is left of a bad request
-		return &request{name: name}, nil
+		req.name, req.ok = name, false
+		return req, nil
 	}
 	switch {
 	case string(first) == "W" && r.br.Buffered() == 0:
@@ -282,12 +299,12 @@ func (s *server) readRequest(r *attrReader) (*request, error) {
 	if err != nil {
 		return nil, errClientGone
 	}
-	req := &request{name: string(value)}
-	want, known := requestAttrs[req.name]
+	want, known := requestAttrs[string(value)] // no allocation for the lookup
 	if !known {
-		msg.warn("unknown request %q from %s", req.name, r.streamName)
-		return fail(req.name)
+		msg.warn("unknown request %q from %s", value, r.streamName)
+		return fail(string(value))
 	}
+	req.name = requestNames[string(value)] // interned: no allocation per request
 	for i, a := range want {
 		name, err := r.token("input attribute name")
 		if err != nil {
@@ -442,35 +459,32 @@ func (s *server) handleLookup(req *request, w *attrWriter) {
 }
 
 func (s *server) handleTktkey(req *request, w *attrWriter) {
-	if !req.ok {
-		w.int("status", statFail)
-		w.data("keybuf", nil)
-		return
+	noKey := func(status int, keybuf []byte) {
+		w.int("status", status)
+		w.data("keybuf", keybuf)
 	}
-	if len(req.data) != 0 && len(req.data) != ticketNameLen {
+	switch {
+	case !req.ok:
+		noKey(statFail, nil)
+		return
+	case len(req.data) != 0 && len(req.data) != ticketNameLen:
 		msg.warn("invalid session ticket key name length: %d", len(req.data))
-		w.int("status", statFail)
-		w.data("keybuf", nil)
+		noKey(statFail, nil)
 		return
-	}
-	if s.keys.disabled() {
-		w.int("status", statErr)
-		w.data("keybuf", nil)
+	case s.keys.disabled():
+		noKey(statErr, nil)
 		return
 	}
 	var key *ticketKey
-	var err error
 	if len(req.data) == 0 {
-		key, err = s.keys.issue()
-		if err != nil {
+		var err error
+		if key, err = s.keys.issue(); err != nil {
 			msg.warn("cannot create session ticket key: %v", err)
-			w.int("status", statErr)
-			w.data("keybuf", nil)
+			noKey(statErr, nil)
 			return
 		}
 	} else if key = s.keys.find(req.data); key == nil {
-		w.int("status", statErr)
-		w.data("keybuf", req.data) // Postfix echoes the name it could not find
+		noKey(statErr, req.data) // Postfix echoes the name it could not find
 		return
 	}
 	buf := key.marshal()

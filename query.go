@@ -27,7 +27,10 @@ var queryForms = map[string]string{
 	"tktkey": "[HEX-KEYNAME]",
 }
 
-func runQuery(socket string, args []string) int {
+// runQuery sends the request repeat times on one connection. With raw, it
+// writes the decoded payload (seed, session or keybuf) to stdout as bytes,
+// so that "tlsmgr -query -raw -repeat 65794 seed 255" feeds rngtest.
+func runQuery(socket string, args []string, repeat int, raw bool) int {
 	w := &attrWriter{}
 	if len(args) == 0 {
 		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: -query needs a request: seed SIZE, policy CACHE, lookup CACHE ID, update CACHE ID TEXT, delete CACHE ID, tktkey [HEXNAME]")
@@ -96,17 +99,31 @@ func runQuery(socket string, args []string) int {
 		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: %s did not announce tlsmgr_protocol (%v)\n", socket, err)
 		return 1
 	}
-	if _, err := conn.Write(w.buf); err != nil {
-		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: send to %s: %v\n", socket, err)
-		return 1
-	}
-	reply, err := readList(r)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: read reply from %s: %v\n", socket, err)
-		return 1
-	}
-	for _, kv := range reply {
-		fmt.Println(describeAttr(kv[0], kv[1]))
+	out := bufio.NewWriter(os.Stdout)
+	defer out.Flush()
+	for range repeat {
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := conn.Write(w.buf); err != nil {
+			fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: send to %s: %v\n", socket, err)
+			return 1
+		}
+		reply, err := readList(r)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: read reply from %s: %v\n", socket, err)
+			return 1
+		}
+		for _, kv := range reply {
+			switch {
+			case !raw:
+				fmt.Fprintln(out, describeAttr(kv[0], kv[1]))
+			case kv[0] == "status" && kv[1] != "0":
+				fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: %s\n", describeAttr(kv[0], kv[1]))
+				return 1
+			case kv[0] != "status":
+				b, _ := base64.StdEncoding.DecodeString(kv[1])
+				out.Write(b)
+			}
+		}
 	}
 	return 0
 }

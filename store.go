@@ -16,7 +16,6 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -99,15 +98,9 @@ func openStore(path string, caches []cacheConfig, uid, gid int, sweepBatch int) 
 
 	// Create the file ourselves so that it is 0600 and mail_owner's; SQLite
 	// gives its -wal and -shm files the same mode and owner.
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0600)
+	f, err := openOwned(path, uid, gid)
 	if err != nil {
 		return nil, fmt.Errorf("cannot open session cache database %s: %s (check tlsmgr_database and data_directory)", path, errText(err))
-	}
-	if os.Geteuid() == 0 && uid >= 0 {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("cannot chown session cache database %s: %s", path, errText(err))
-		}
 	}
 	f.Close()
 

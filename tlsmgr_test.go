@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -68,22 +69,10 @@ func dial(t *testing.T, sock string) *client {
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	got := make([]byte, len(handshake))
-	if _, err := readFull(conn, got); err != nil || !bytes.Equal(got, []byte("protocol\x00tlsmgr_protocol\x00\x00")) {
+	if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, []byte("protocol\x00tlsmgr_protocol\x00\x00")) {
 		t.Fatalf("announcement %q, %v", got, err)
 	}
 	return &client{t: t, conn: conn, r: &attrReader{br: bufio.NewReader(conn), streamName: "test"}}
-}
-
-func readFull(c net.Conn, b []byte) (int, error) {
-	n := 0
-	for n < len(b) {
-		m, err := c.Read(b[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // raw sends bytes and returns the reply list as "name=value" lines.
