@@ -42,11 +42,7 @@ type logSetup struct {
 // setup connects the log sinks. It runs before chroot so that the sockets
 // are already connected when their paths are out of reach.
 func (l *logger) setup(s logSetup) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.tag = s.tag
-	l.stderr = s.stderr
-	l.host = s.host
+	// Check first: a bad value must still be reported where logs go now.
 	if s.maillogFile != "" {
 		allowed := false
 		for _, p := range strings.FieldsFunc(s.prefixes, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' }) {
@@ -57,29 +53,33 @@ func (l *logger) setup(s logSetup) error {
 		if !allowed {
 			return fmt.Errorf("parameter maillog_file: value %q does not match any prefix in maillog_file_prefixes = %s", s.maillogFile, s.prefixes)
 		}
+	} else if !s.noSyslog && !syslogFacilities[strings.ToLower(s.facility)] {
+		return fmt.Errorf("parameter syslog_facility: unknown syslog facility: %s (allowed: auth, authpriv, cron, daemon, ftp, kern, lpr, mail, news, syslog, user, uucp, local0 to local7)", s.facility)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.tag = s.tag
+	l.stderr = s.stderr
+	l.host = s.host
+	switch {
+	case s.maillogFile != "":
 		conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: s.postlogPath, Net: "unixgram"})
 		if err != nil {
 			// Like Postfix's maillog client: fall back to stderr and say so.
 			l.stderr = true
-			fmt.Fprintf(os.Stderr, "%s[%d]: warning: connect to postlog service %s: %v\n", l.tag, os.Getpid(), s.postlogPath, err)
+			fmt.Fprintf(l.out, "%s[%d]: warning: connect to postlog service %s: %v\n", l.tag, os.Getpid(), s.postlogPath, err)
 			return nil
 		}
 		l.postlog = conn
-		return nil
+	case !s.noSyslog:
+		sl, err := gsyslog.NewLogger(gsyslog.LOG_INFO, strings.ToUpper(s.facility), s.tag)
+		if err != nil {
+			// No /dev/log (containers, CI): stderr is the only place left.
+			l.stderr = true
+			return nil
+		}
+		l.syslog = sl
 	}
-	if s.noSyslog {
-		return nil
-	}
-	if !syslogFacilities[strings.ToLower(s.facility)] {
-		return fmt.Errorf("parameter syslog_facility: unknown syslog facility: %s (allowed: auth, authpriv, cron, daemon, ftp, kern, lpr, mail, news, syslog, user, uucp, local0 to local7)", s.facility)
-	}
-	sl, err := gsyslog.NewLogger(gsyslog.LOG_INFO, strings.ToUpper(s.facility), s.tag)
-	if err != nil {
-		// No /dev/log (containers, CI): stderr is the only place left.
-		l.stderr = true
-		return nil
-	}
-	l.syslog = sl
 	return nil
 }
 
