@@ -223,9 +223,13 @@ func TestUnderFakeMaster(t *testing.T) {
 		t.Error("exchange file not rewritten on exit")
 	}
 
-	// A second start finds the caches empty.
+	// A second start reads the saved file into its pool and writes a fresh
+	// one, and finds the caches empty.
 	m2 := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d")
 	c2 := m2.dial()
+	if restarted, _ := os.ReadFile(exch); bytes.Equal(restarted, after) || len(restarted) != 1024 {
+		t.Error("exchange file not read back and rewritten at start")
+	}
 	c2.req("request", "update", "cache_type", "smtp", "cache_id", "k", "session", b64("v"))
 	m2.status.Close()
 	m2.wait(5 * time.Second)
