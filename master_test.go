@@ -22,9 +22,13 @@ var (
 	buildErr  error
 )
 
-// tlsmgrBinary builds tlsmgr once per test run.
+// tlsmgrBinary builds tlsmgr once per test run, or uses $TLSMGR_BINARY,
+// which .ci/run sets to the static binary it has just built from this tree.
 func tlsmgrBinary(t *testing.T) string {
 	t.Helper()
+	if prebuilt := os.Getenv("TLSMGR_BINARY"); prebuilt != "" {
+		return prebuilt
+	}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "tlsmgr-bin")
 		if err != nil {

@@ -32,7 +32,7 @@ func allCaches(timeout int64) []cacheConfig {
 	}
 }
 
-func startServer(t *testing.T, caches []cacheConfig) *testServer {
+func startServer(t testing.TB, caches []cacheConfig) *testServer {
 	t.Helper()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "tlsmgr.sqlite")
@@ -54,13 +54,13 @@ func startServer(t *testing.T, caches []cacheConfig) *testServer {
 }
 
 type client struct {
-	t    *testing.T
+	t    testing.TB
 	conn net.Conn
 	r    *attrReader
 }
 
 // dial connects and checks the 26-byte announcement, byte for byte.
-func dial(t *testing.T, sock string) *client {
+func dial(t testing.TB, sock string) *client {
 	t.Helper()
 	conn, err := net.Dial("unix", sock)
 	if err != nil {
@@ -78,6 +78,7 @@ func dial(t *testing.T, sock string) *client {
 // raw sends bytes and returns the reply list as "name=value" lines.
 func (c *client) raw(req string) string {
 	c.t.Helper()
+	c.conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.conn.Write([]byte(req)); err != nil {
 		c.t.Fatal(err)
 	}

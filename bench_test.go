@@ -1,0 +1,42 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// BenchmarkRequests measures one request and its reply over a UNIX socket
+// to an in-process server, for each request type. Socket, codec, PRNG and
+// SQLite are all in the path; master(8) is not. Compare releases with
+// benchstat; compare with Postfix's own tlsmgr with ../shared/bench/tlsload.
+func BenchmarkRequests(b *testing.B) {
+	s := startServer(b, allCaches(3600))
+	c := dial(b, s.sock)
+	session := b64(strings.Repeat("s", 2000)) // a typical DER session
+	for i := range 1000 {
+		c.req("request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i), "session", session)
+	}
+	for _, bc := range []struct {
+		name string
+		req  func(i int) []string
+	}{
+		{"seed32", func(int) []string { return []string{"request", "seed", "size", "32"} }},
+		{"tktkey", func(int) []string { return []string{"request", "tktkey", "keyname", ""} }},
+		{"policy", func(int) []string { return []string{"request", "policy", "cache_type", "smtpd"} }},
+		{"lookup2000", func(i int) []string {
+			return []string{"request", "lookup", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i%1000)}
+		}},
+		{"update2000", func(i int) []string {
+			return []string{"request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i%1000), "session", session}
+		}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			for i := 0; b.Loop(); i++ {
+				if got := c.req(bc.req(i)...); !strings.HasPrefix(got, "status=0") {
+					b.Fatalf("%s: %.60s", bc.name, got)
+				}
+			}
+		})
+	}
+}
