@@ -305,8 +305,9 @@ type daemon struct {
 	source     *entropySource
 	exchange   *exchangeFile // nil when tls_random_exchange_name is empty
 	srv        *server
-	socketPath string // standalone mode removes its socket on exit
-	stopSweep  chan struct{}
+	socketPath string         // standalone mode removes its socket on exit
+	stopSweep  chan struct{}  // closed on exit: the sweepers stop
+	sweepers   sync.WaitGroup // ... and exit waits for them before closing the store
 	exitOnce   sync.Once
 }
 
@@ -389,11 +390,10 @@ func (d *daemon) start() {
 			}
 		}()
 	}
-	var sweepers sync.WaitGroup
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
-			sweepers.Add(1)
-			go d.store.runSweeper(c, d.stopSweep, &sweepers)
+			d.sweepers.Add(1)
+			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
 		}
 	}
 }
@@ -430,6 +430,8 @@ func (d *daemon) exit(code int) {
 		go func() {
 			d.saveExchange()
 			d.pool.wipe()
+			close(d.stopSweep)
+			d.sweepers.Wait()
 			d.store.close()
 			if d.socketPath != "" {
 				os.Remove(d.socketPath)
