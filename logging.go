@@ -28,7 +28,6 @@ type logger struct {
 	stderr   bool
 	out      io.Writer // where stderr lines go; tests swap it
 	verbose  int
-	exitHook func() // runs before a fatal exit (saves nothing; closes the store)
 }
 
 // msg is the process-wide logger (Postfix's msg_info, msg_warn, msg_fatal); it writes to stderr until setup runs.
@@ -136,8 +135,5 @@ func (l *logger) debug(format string, args ...any) {
 // request was ever served, throttles the service.
 func (l *logger) fatal(format string, args ...any) {
 	l.emit(gsyslog.LOG_CRIT, "fatal: ", format, args...)
-	if l.exitHook != nil {
-		l.exitHook()
-	}
 	os.Exit(1)
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -82,9 +83,8 @@ func startMaster(t *testing.T, dir, mainCF string, args ...string) *fakeMaster {
 	for _, d := range []string{"queue", "data"} {
 		os.MkdirAll(filepath.Join(dir, d), 0755)
 		if u, err := user.Lookup("nobody"); err == nil && os.Geteuid() == 0 {
-			var uid, gid int
-			fmtSscan(u.Uid, &uid)
-			fmtSscan(u.Gid, &gid)
+			uid, _ := strconv.Atoi(u.Uid)
+			gid, _ := strconv.Atoi(u.Gid)
 			os.Chown(filepath.Join(dir, d), uid, gid)
 		}
 	}
@@ -132,12 +132,6 @@ func startMaster(t *testing.T, dir, mainCF string, args ...string) *fakeMaster {
 		ours.Close()
 	})
 	return m
-}
-
-func fmtSscan(s string, n *int) {
-	for _, c := range s {
-		*n = *n*10 + int(c-'0')
-	}
 }
 
 type syncWriter struct {

@@ -9,6 +9,7 @@ package main
 import (
 	"bufio"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net"
@@ -161,8 +162,7 @@ func describeAttr(name, value string) string {
 			break
 		}
 		if name == "keybuf" && len(b) == ticketKeyLen {
-			tout := int64(uint64(b[80]) | uint64(b[81])<<8 | uint64(b[82])<<16 | uint64(b[83])<<24 |
-				uint64(b[84])<<32 | uint64(b[85])<<40 | uint64(b[86])<<48 | uint64(b[87])<<56)
+			tout := int64(binary.LittleEndian.Uint64(b[80:]))
 			return fmt.Sprintf("keybuf: name=%x expires=%s (cipher and HMAC keys not shown)",
 				b[:16], time.Unix(tout, 0).UTC().Format(time.RFC3339))
 		}
