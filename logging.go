@@ -20,14 +20,14 @@ import (
 )
 
 type logger struct {
-	mu       sync.Mutex
-	tag      string // e.g. postfix/tlsmgr
-	syslog   gsyslog.Syslogger
-	postlog  *net.UnixConn // connected to postlogd's socket before chroot
-	host     string        // first label of myhostname, for postlog records
-	stderr   bool
-	out      io.Writer // where stderr lines go; tests swap it
-	verbose  int
+	mu      sync.Mutex
+	tag     string // e.g. postfix/tlsmgr
+	syslog  gsyslog.Syslogger
+	postlog *net.UnixConn // connected to postlogd's socket before chroot
+	host    string        // first label of myhostname, for postlog records
+	stderr  bool
+	out     io.Writer // where stderr lines go; tests swap it
+	verbose int
 }
 
 // msg is the process-wide logger (Postfix's msg_info, msg_warn, msg_fatal); it writes to stderr until setup runs.
