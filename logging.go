@@ -28,7 +28,18 @@ type logger struct {
 	stderr  bool
 	out     io.Writer // where stderr lines go; tests swap it
 	verbose int
+	limited map[string]*limitedWarning // warnLimited's state, by kind of fault
 }
+
+// limitedWarning is one kind of repeated fault: when it was last logged,
+// and how many times it happened since.
+type limitedWarning struct {
+	last       time.Time
+	suppressed int
+}
+
+// warnInterval is how often warnLimited logs one kind of fault.
+const warnInterval = time.Minute
 
 // msg is the process-wide logger (Postfix's msg_info, msg_warn, msg_fatal); it writes to stderr until setup runs.
 var msg = &logger{tag: "tlsmgr", stderr: true, out: os.Stderr}
@@ -57,6 +68,7 @@ func (l *logger) setup(s logSetup) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.closeSinks()
 	l.tag = s.tag
 	l.stderr = s.stderr
 	l.host = s.host
@@ -80,6 +92,19 @@ func (l *logger) setup(s logSetup) error {
 		l.syslog = sl
 	}
 	return nil
+}
+
+// closeSinks lets setup run again when a later configuration layer (the
+// TOML file, -o) changes a logging parameter.
+func (l *logger) closeSinks() {
+	if l.postlog != nil {
+		l.postlog.Close()
+		l.postlog = nil
+	}
+	if l.syslog != nil {
+		l.syslog.Close()
+		l.syslog = nil
+	}
 }
 
 // syslogFacilities are the names go-syslog knows, as Postfix accepts them.
@@ -122,6 +147,34 @@ func sanitize(s string) string {
 func (l *logger) info(format string, args ...any) { l.emit(gsyslog.LOG_INFO, "", format, args...) }
 func (l *logger) warn(format string, args ...any) {
 	l.emit(gsyslog.LOG_WARNING, "warning: ", format, args...)
+}
+
+// warnLimited logs a warning about a fault that can repeat at request rate
+// (a full disk, a failing entropy source, connection pressure) at most
+// once a minute per kind, and says how many were left out in between.
+func (l *logger) warnLimited(kind, format string, args ...any) {
+	now := time.Now()
+	l.mu.Lock()
+	if l.limited == nil {
+		l.limited = map[string]*limitedWarning{}
+	}
+	w := l.limited[kind]
+	if w != nil && now.Sub(w.last) < warnInterval {
+		w.suppressed++
+		l.mu.Unlock()
+		return
+	}
+	left := 0
+	if w != nil {
+		left = w.suppressed
+	}
+	l.limited[kind] = &limitedWarning{last: now}
+	l.mu.Unlock()
+	text := fmt.Sprintf(format, args...)
+	if left > 0 {
+		text += fmt.Sprintf(" (%d more like this since the last warning)", left)
+	}
+	l.emit(gsyslog.LOG_WARNING, "warning: ", "%s", text)
 }
 
 // debug logs only with -v, like Postfix's msg_verbose lines.

@@ -4,6 +4,7 @@
 package main
 
 import (
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -60,30 +61,25 @@ func isStandaloneFlag(a string) bool {
 }
 
 // runUnderMaster is the daemon as master(8) starts it, in Postfix's order:
-// options, main.cf, logging, pre-init as root, chroot and setuid, serve.
+// logging, main.cf, options, pre-init, chroot and setuid, serve.
 func runUnderMaster(args []string) {
 	signal.Ignore(syscall.SIGPIPE, syscall.SIGXFSZ)
 	processName := filepath.Base(os.Args[0])
-	msg.tag = processName
 
-	opts, err := parseDaemonArgs(args)
-	if err != nil {
-		msg.fatal("%v", err)
-	}
+	// 1. Logging first: under master stderr goes nowhere, so until main.cf
+	// says where the mail log is, messages go to syslog with Postfix's
+	// default tag. Option errors wait until the mail log is known.
+	msg.setup(logSetup{tag: defaultLogTag(processName), facility: "mail"})
+	opts, optErr := parseDaemonArgs(args)
 	if os.Getenv("MAIL_VERBOSE") != "" {
 		opts.verbose++
 	}
 	msg.verbose = opts.verbose
 
-	// 1. Configuration: main.cf < tlsmgr.toml < -o.
+	// 2. main.cf, and logging as it says (syslog, or postlogd for maillog_file).
 	cfg := newConfig()
 	if err := cfg.readMainCF(mainCFPath(""), msg.warn); err != nil {
 		msg.fatal("%v", err)
-	}
-	for _, o := range opts.overrides {
-		if err := cfg.setOverride(o); err != nil {
-			msg.fatal("%v", err)
-		}
 	}
 	configDir := filepath.Dir(cfg.file)
 	serviceName := processName
@@ -92,14 +88,24 @@ func runUnderMaster(args []string) {
 	}
 	cfg.always = map[string]string{"process_name": processName, "process_id": strconv.Itoa(os.Getpid()),
 		"service_name": serviceName, "config_directory": configDir}
+	logs := setupLogging(cfg, processName, opts.stderr, false, logSetup{})
+
+	// 3. Everything that can be wrong from here on lands in the mail log:
+	// options, tlsmgr.toml, -o, then every value (main.cf < TOML < -o).
+	if optErr != nil {
+		msg.fatal("%v", optErr)
+	}
 	if toml := filepath.Join(configDir, "tlsmgr.toml"); fileExists(toml) {
 		if err := cfg.readTOML(toml); err != nil {
 			msg.fatal("%v", err)
 		}
 	}
-
-	// 2. Logging, now that syslog_name and maillog_file are known.
-	setupLogging(cfg, processName, opts.stderr, false)
+	for _, o := range opts.overrides {
+		if err := cfg.setOverride(o); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	setupLogging(cfg, processName, opts.stderr, false, logs) // a TOML or -o logging parameter
 	if !opts.debugMode && !opts.stdinStream && isTerminal(0) {
 		msg.fatal("do not run this command by hand (to try it without Postfix: tlsmgr -listen ./tlsmgr.sock)")
 	}
@@ -117,30 +123,35 @@ func runUnderMaster(args []string) {
 		msg.fatal("chdir(\"%s\"): %s", queueDir, errText(err))
 	}
 
-	// 3. Pre-init, as root: everything that needs a path.
+	// 4. Pre-init: the entropy source as root, then, as mail_owner, every
+	// file in data_directory.
 	var owner *mailOwner
 	if opts.dropPrivs || os.Geteuid() == 0 {
+		var err error
 		if owner, err = lookupMailOwner(cfg.mustStr("mail_owner")); err != nil {
 			msg.fatal("%s/main.cf: %v", configDir, err)
 		}
 	}
-	d := openDaemon(cfg, owner)
+	d := openDaemon(cfg, owner, false)
 	var lns []net.Listener
 	if !opts.stdinStream {
+		var err error
 		if lns, err = masterListeners(opts.transport, opts.listenFds); err != nil {
 			msg.fatal("%v", err)
 		}
 	}
 
-	// 4. chroot(queue_directory) and drop to mail_owner.
+	// 5. chroot(queue_directory) and drop to mail_owner.
+	dropTo := owner
 	if !opts.dropPrivs {
-		owner = nil
+		dropTo = nil
 	}
-	if err := enterJail(queueDir, opts.chroot, owner); err != nil {
+	if err := enterJail(queueDir, opts.chroot, dropTo); err != nil {
 		msg.fatal("%v", err)
 	}
+	d.chrooted = opts.chroot
 
-	// 5. Post-init: reseed, exchange file, cache cleanup, then serve.
+	// 6. Post-init: reseed, exchange file, cache cleanup, then serve.
 	d.start()
 	d.srv.streamName = serviceName + " socket"
 	if len(opts.strayArgs) > 0 {
@@ -148,14 +159,14 @@ func runUnderMaster(args []string) {
 	}
 	if opts.stdinStream {
 		d.srv.serveConn(stdio{}, nil, false)
-		d.exit(0)
+		d.shutdown(0)
 	}
 	generation, err := generationFromEnv()
 	if err != nil {
 		msg.fatal("%v", err)
 	}
 	status := &masterStatus{file: os.NewFile(masterStatusFd, "master status"), generation: generation,
-		onLost: func() { d.exit(0) }}
+		onLost: func() { d.shutdown(0) }}
 	syscall.CloseOnExec(3)
 	syscall.CloseOnExec(4)
 	d.srv.busy, d.srv.idle = status.busy, status.idle
@@ -166,7 +177,7 @@ func runUnderMaster(args []string) {
 		go d.srv.serveListener(ln)
 	}
 	d.srv.serveListener(lns[0])
-	d.exit(0)
+	select {} // the listener is closed only by an orderly exit, which ends the process
 }
 
 // runStandalone runs without Postfix: no master, no chroot, stderr logging,
@@ -240,12 +251,12 @@ func runStandalone(args []string) {
 			msg.fatal("%v", err)
 		}
 	}
-	setupLogging(cfg, "tlsmgr", true, true)
+	setupLogging(cfg, "tlsmgr", true, true, logSetup{})
 	if err := cfg.validate(); err != nil {
 		msg.fatal("%v", err)
 	}
 
-	d := openDaemon(cfg, nil)
+	d := openDaemon(cfg, standaloneOwner(cfg), true)
 	ln, err := listenUnix(*listen)
 	if err != nil {
 		msg.fatal("%v", err)
@@ -256,19 +267,55 @@ func runStandalone(args []string) {
 	msg.info("serving %s; session database %s; stop with Ctrl-C", *listen, d.store.path)
 	d.exitOnSignals()
 	d.srv.serveListener(ln)
-	d.exit(0)
+	select {} // as under master: only an orderly exit closes the listener
 }
 
-// setupLogging connects the log sinks of postfix-tlsmgr.md §8.
-func setupLogging(cfg *config, processName string, toStderr, standalone bool) {
+// standaloneOwner is whom a standalone tlsmgr opens its files as. Not
+// root: itself. Root never writes into a directory that someone else
+// controls: in mail_owner's data_directory (-mailconfig), it acts as
+// mail_owner, as under master; in a directory of another user it refuses.
+func standaloneOwner(cfg *config) *mailOwner {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	dataDir := cfg.mustStr("data_directory")
+	var st syscall.Stat_t
+	if err := syscall.Stat(dataDir, &st); err != nil {
+		msg.fatal("data_directory %s: %s", dataDir, errText(err))
+	}
+	if st.Uid == 0 {
+		return nil
+	}
+	owner, err := lookupMailOwner(cfg.mustStr("mail_owner"))
+	if err != nil || owner.uid != int(st.Uid) {
+		msg.fatal("data_directory %s belongs to uid %d, not to root or mail_owner: run tlsmgr as that user", dataDir, st.Uid)
+	}
+	return owner
+}
+
+// defaultLogTag is the tag before main.cf is read: $MAIL_LOGTAG, or
+// Postfix's default syslog_name, then the process name.
+func defaultLogTag(processName string) string {
+	tag := os.Getenv("MAIL_LOGTAG")
+	if tag == "" {
+		tag = "postfix"
+	}
+	return tag + "/" + processName
+}
+
+// setupLogging connects the log sinks of postfix-tlsmgr.md §8 as the
+// configuration says, unless they are already as it says (was). A bad
+// value is fatal, reported where logs go so far.
+func setupLogging(cfg *config, processName string, toStderr, standalone bool, was logSetup) logSetup {
 	tag := os.Getenv("MAIL_LOGTAG")
 	if tag == "" {
 		tag = cfg.mustStrOr("syslog_name", "postfix")
 	}
 	host := os.Getenv("POSTLOG_HOSTNAME")
 	if host == "" {
-		host, _, _ = strings.Cut(cfg.mustStrOr("myhostname", "localhost"), ".")
+		host = cfg.mustStrOr("myhostname", "localhost")
 	}
+	host, _, _ = strings.Cut(host, ".") // Postfix logs the short host name
 	postlog := os.Getenv("POSTLOG_SERVICE")
 	if postlog == "" {
 		postlog = cfg.mustStrOr("queue_directory", "") + "/public/" + cfg.mustStrOr("postlog_service_name", "postlog")
@@ -277,14 +324,18 @@ func setupLogging(cfg *config, processName string, toStderr, standalone bool) {
 	if !standalone {
 		maillog = cfg.mustStrOr("maillog_file", "")
 	}
-	err := msg.setup(logSetup{
+	want := logSetup{
 		tag: tag + "/" + processName, facility: cfg.mustStrOr("syslog_facility", "mail"),
 		maillogFile: maillog, prefixes: cfg.mustStrOr("maillog_file_prefixes", ""),
 		postlogPath: postlog, host: host, stderr: toStderr, noSyslog: standalone,
-	})
-	if err != nil {
+	}
+	if want == was {
+		return was
+	}
+	if err := msg.setup(want); err != nil {
 		msg.fatal("%v", err)
 	}
+	return want
 }
 
 // mustStrOr is str for logging set-up, which runs before validation and
@@ -300,37 +351,40 @@ func (c *config) mustStrOr(name, fallback string) string {
 // daemon is everything the running process owns.
 type daemon struct {
 	cfg        *config
+	owner      *mailOwner // whom files are opened as; nil when we are not root
 	store      *store
 	pool       *pool
 	source     *entropySource
-	exchange   *exchangeFile // nil when tls_random_exchange_name is empty
+	exchange   *exchangeFile // nil when tls_random_exchange_name is empty or unusable
 	srv        *server
+	chrooted   bool           // paths outside queue_directory no longer resolve
 	socketPath string         // standalone mode removes its socket on exit
 	stopSweep  chan struct{}  // closed on exit: the sweepers stop
 	sweepers   sync.WaitGroup // ... and exit waits for them before closing the store
 	exitOnce   sync.Once
 }
 
-// openDaemon is Postfix's pre-init: the pool, the entropy source, the
-// exchange file and the caches, all opened while paths still resolve.
-func openDaemon(cfg *config, owner *mailOwner) *daemon {
-	uid, gid := -1, -1
-	if owner != nil {
-		uid, gid = owner.uid, owner.gid
-	}
-	d := &daemon{cfg: cfg, stopSweep: make(chan struct{})}
+// Bounds of an orderly exit. master(8) starts our successor while we exit
+// (postfix reload), and the successor waits for our database lock for
+// longer than we can take to let it go.
+const (
+	drainLimit     = 2 * time.Second // requests in flight take microseconds
+	exitLimit      = 5 * time.Second // a stuck lock must not keep us alive
+	masterLockWait = 10 * time.Second
+)
+
+// openDaemon is Postfix's pre-init: the pool, the entropy source (as
+// root), then as mail_owner the session database and the exchange file.
+// Only a configuration error, or a second standalone daemon on a database
+// in use, stops us here; a file that cannot be used costs only what it
+// holds.
+func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
+	d := &daemon{cfg: cfg, owner: owner, stopSweep: make(chan struct{})}
 	var err error
 	if d.pool, err = newPool(); err != nil {
 		msg.fatal("%v", err)
 	}
 	d.source = openEntropySource(cfg.mustStr("tls_random_source"), int(cfg.mustNum("tls_random_bytes")))
-	dataDir := cfg.mustStr("data_directory")
-	if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
-		name = dataRedirect("file", name, dataDir, uid)
-		if d.exchange, err = openExchangeFile(name, uid, gid); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
 	var caches []cacheConfig
 	for _, label := range cacheLabels {
 		database := cfg.mustStr(label + "_tls_session_cache_database")
@@ -344,7 +398,37 @@ func openDaemon(cfg *config, owner *mailOwner) *daemon {
 			loglevel: cfg.mustStr(label + "_tls_loglevel"),
 		})
 	}
-	d.store, err = openStore(dataRedirect("table", cfg.mustStr("tlsmgr_database"), dataDir, uid), caches, uid, gid, int(cfg.mustNum("tlsmgr_sweep_batch_size")))
+	if d.store, err = newStore(caches, int(cfg.mustNum("tlsmgr_sweep_batch_size"))); err != nil {
+		msg.fatal("%v", err)
+	}
+
+	uid, redirectUID := fileOwnerUID(owner), -1
+	if owner != nil {
+		redirectUID = owner.uid
+	}
+	lockWait := masterLockWait
+	if standalone {
+		lockWait = 0
+	}
+	dataDir := cfg.mustStr("data_directory")
+	err = asMailOwner(owner, func() error {
+		// The database first: a second tlsmgr must stop before it touches anything.
+		path := dataRedirect("table", cfg.mustStr("tlsmgr_database"), dataDir, redirectUID)
+		if err := d.store.open(path, uid, lockWait); err != nil {
+			var inUse *errDatabaseInUse
+			if standalone && errors.As(err, &inUse) {
+				return fmt.Errorf("%v; not starting", err)
+			}
+			msg.warn("%v; session caching is off in this process", err)
+		}
+		if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
+			name = dataRedirect("file", name, dataDir, redirectUID)
+			if d.exchange, err = openExchangeFile(name, uid, d.pool); err != nil {
+				msg.warn("%v; running without it", err)
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		msg.fatal("%v", err)
 	}
@@ -353,42 +437,24 @@ func openDaemon(cfg *config, owner *mailOwner) *daemon {
 		pool:       d.pool,
 		keys:       newTicketKeys(d.store.caches["smtpd"].timeout, d.pool),
 		ipcTimeout: time.Duration(cfg.mustNum("ipc_timeout")) * time.Second,
-		connSlots:  make(chan struct{}, cfg.mustNum("tlsmgr_max_connections")),
+		maxConns:   int(cfg.mustNum("tlsmgr_max_connections")),
 	}
 	return d
 }
 
 // start is Postfix's post-init: reseed, exchange update, cache cleanup.
 func (d *daemon) start() {
-	if d.source.active() {
-		d.reseed()
-		go func() {
-			period := d.cfg.mustNum("tls_random_reseed_period")
-			for d.source.active() {
-				time.Sleep(d.pool.randomDelay(period))
-				d.reseed()
-			}
-		}()
-	}
-	if d.exchange != nil {
-		if err := d.exchange.update(d.pool); err != nil {
-			msg.fatal("%v", err)
+	d.reseed()
+	go func() {
+		period := d.cfg.mustNum("tls_random_reseed_period")
+		for {
+			time.Sleep(d.pool.randomDelay(period))
+			d.reseed()
 		}
-		go func() {
-			period := d.cfg.mustNum("tls_random_prng_update_period")
-			for {
-				time.Sleep(d.pool.randomDelay(period))
-				if d.exchange.removed() {
-					msg.warn("PRNG exchange file was removed -- exiting to reopen")
-					time.Sleep(time.Second)
-					d.exchange = nil // nothing to save: the file is gone
-					d.exit(0)
-				}
-				if err := d.exchange.update(d.pool); err != nil {
-					msg.fatal("%v", err)
-				}
-			}
-		}()
+	}()
+	if d.exchange != nil {
+		d.saveExchange()
+		go d.runExchangeTimer()
 	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
@@ -398,63 +464,84 @@ func (d *daemon) start() {
 	}
 }
 
-// reseed mixes one read of tls_random_source into the pool; a source that
-// failed makes us exit so that master(8) starts a process that reopens it.
+// reseed mixes fresh kernel entropy and one read of tls_random_source into
+// the pool. A source that fails costs only its own bytes (see prng.go).
 func (d *daemon) reseed() {
-	b, err := d.source.gather()
-	var reopen errExitToReopen
-	if errors.As(err, &reopen) {
-		msg.info("%s", reopen.text)
-		d.saveExchange()
-		time.Sleep(time.Second)
-		d.exit(0)
+	fresh := make([]byte, 32)
+	if _, err := rand.Read(fresh); err != nil {
+		msg.warnLimited("kernel entropy", "cannot read kernel entropy: %v", err)
 	}
-	if len(b) > 0 {
-		d.pool.mix(b)
-		clear(b)
+	external, err := d.source.gather()
+	if err != nil {
+		msg.warnLimited("entropy "+d.source.spec, "%v; reseeding from the kernel alone until it works again", err)
+	}
+	fresh = append(fresh, external...)
+	d.pool.mix(fresh) // a wiped pool (we are exiting) stays wiped
+	clear(fresh)
+	clear(external)
+}
+
+// runExchangeTimer rewrites the exchange file at random intervals.
+func (d *daemon) runExchangeTimer() {
+	period := d.cfg.mustNum("tls_random_prng_update_period")
+	for {
+		time.Sleep(d.pool.randomDelay(period))
+		if d.exchange.removed() {
+			if d.chrooted { // as Postfix: the name is out of reach, master starts a process that reopens it
+				msg.warn("PRNG exchange file was removed -- exiting to reopen")
+				d.exchange.forget()
+				time.Sleep(time.Second)
+				d.shutdown(0)
+			}
+			msg.warn("PRNG exchange file %s was removed; creating a new one", d.exchange.path)
+			if err := asMailOwner(d.owner, func() error { return d.exchange.reopen(d.pool) }); err != nil {
+				msg.warnLimited("exchange file", "%v", err)
+				continue
+			}
+		}
+		d.saveExchange()
 	}
 }
 
 func (d *daemon) saveExchange() {
 	if x := d.exchange; x != nil {
 		if err := x.update(d.pool); err != nil {
-			msg.warn("%v", err)
+			msg.warnLimited("exchange file", "%v", err)
 		}
 	}
 }
 
-// exit saves the exchange file, wipes the pool and ends the process.
-func (d *daemon) exit(code int) {
+// shutdown is the orderly exit: stop accepting and let the requests in
+// flight be answered, then save the exchange file, then wipe the pool and
+// the ticket keys, then close the database (WAL checkpointed and
+// truncated, lock released). Nothing can be served from a wiped pool.
+func (d *daemon) shutdown(code int) {
 	d.exitOnce.Do(func() {
-		done := make(chan struct{})
-		go func() {
-			d.saveExchange()
-			d.pool.wipe()
-			close(d.stopSweep)
-			d.sweepers.Wait()
-			d.store.close()
-			if d.socketPath != "" {
-				os.Remove(d.socketPath)
-			}
-			close(done)
-		}()
-		select {
-		case <-done:
-		case <-time.After(2 * time.Second): // a stuck lock must not keep us alive
+		time.AfterFunc(exitLimit, func() { os.Exit(code) })
+		d.srv.drain(drainLimit)
+		d.saveExchange()
+		d.pool.wipe()
+		d.srv.keys.wipe()
+		close(d.stopSweep)
+		d.sweepers.Wait()
+		d.store.close()
+		if d.socketPath != "" {
+			os.Remove(d.socketPath)
 		}
 		os.Exit(code)
 	})
 	select {} // another goroutine is already exiting
 }
 
-// exitOnSignals makes SIGTERM (postfix stop), SIGINT and SIGHUP a clean exit.
+// exitOnSignals makes SIGTERM (postfix stop), SIGINT and SIGHUP an orderly
+// exit. They end Postfix's daemons too; we exit cleanly instead of dying.
 func (d *daemon) exitOnSignals() {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	go func() {
 		s := <-sigs
 		msg.debug("%v -- exiting", s)
-		d.exit(0)
+		d.shutdown(0)
 	}()
 }
 
@@ -464,7 +551,7 @@ func (d *daemon) healthCheck() {
 	d.pool.read(b[:])
 	d.srv.keys.mu.Lock()
 	d.srv.keys.mu.Unlock()
-	d.store.writer.Exec("SELECT 1")
+	d.store.ping()
 }
 
 // runDebugger runs debugger_command for -D, as Postfix's debug_process does.

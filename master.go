@@ -61,7 +61,7 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 					i++
 					val = args[i]
 				} else {
-					return nil, fmt.Errorf("option requires an argument -- '%c'", c)
+					return o, fmt.Errorf("option requires an argument -- '%c'", c)
 				}
 				j = len(a)
 			}
@@ -86,7 +86,7 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 			case 'i', 'm':
 				// max_idle and max_use: tlsmgr never exits for them.
 				if _, err := parseTime(val, 's'); err != nil {
-					return nil, fmt.Errorf("bad -%c value %q: want a number", c, val)
+					return o, fmt.Errorf("bad -%c value %q: want a number", c, val)
 				}
 			case 'n':
 				o.serviceName = val
@@ -95,13 +95,13 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 			case 's':
 				n, err := strconv.Atoi(val)
 				if err != nil || n <= 0 {
-					return nil, fmt.Errorf("invalid socket_count: %s", val)
+					return o, fmt.Errorf("invalid socket_count: %s", val)
 				}
 				o.listenFds = n
 			case 't':
 				o.transport = val
 			default:
-				return nil, fmt.Errorf("invalid option: %c", c)
+				return o, fmt.Errorf("invalid option: %c", c)
 			}
 		}
 	}
@@ -115,12 +115,20 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 // marked available, and "available" once no request has been in flight
 // for availDelay. With a process limit of 1 master needs no more, and a
 // busy server does not wake master twice per request.
+//
+// master counts a process as having served (use_count) only when it goes
+// from taken to available, and throttles the service for a minute when a
+// process that never served dies. So the first request to end sends
+// "available" at once, even with others in flight, followed by "taken"
+// again if they are: a tlsmgr that has been busy since it started and then
+// crashes is restarted at once, as stock tlsmgr would be.
 type masterStatus struct {
 	mu         sync.Mutex
 	file       *os.File
 	generation uint32
 	inFlight   int
 	taken      bool        // the last record sent said "taken"
+	served     bool        // master has seen taken -> available once
 	availTimer *time.Timer // pending "available" record
 	onLost     func()      // master is gone: save state and exit
 }
@@ -156,7 +164,7 @@ func (m *masterStatus) busy() {
 	m.inFlight++
 	if !m.taken {
 		m.taken = true
-		m.send(0)
+		m.sendOrExit(0)
 	}
 }
 
@@ -164,6 +172,16 @@ func (m *masterStatus) idle() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.inFlight--
+	if !m.served {
+		m.served = true
+		m.taken = false
+		m.sendOrExit(1)
+		if m.inFlight > 0 {
+			m.taken = true
+			m.sendOrExit(0)
+		}
+		return
+	}
 	if m.inFlight > 0 {
 		return
 	}
@@ -171,6 +189,16 @@ func (m *masterStatus) idle() {
 		m.availTimer = time.AfterFunc(availDelay, m.sendAvail)
 	} else {
 		m.availTimer.Reset(availDelay)
+	}
+}
+
+// sendOrExit sends a record; if master cannot take it, it is gone, and we
+// exit as Postfix's servers do (onLost runs on its own goroutine, because
+// an orderly exit waits for the request that called us).
+func (m *masterStatus) sendOrExit(avail int32) {
+	if err := m.send(avail); err != nil {
+		msg.debug("master status write failed: %v -- exiting", err)
+		go m.onLost()
 	}
 }
 
@@ -303,19 +331,3 @@ func watchdog(timeout time.Duration, check func()) {
 	}
 }
 
-// openOwned opens or creates a file with mode 0600 and, when we run as
-// root, gives it to mail_owner (uid, gid), so that it stays writable after
-// the privilege drop. uid -1 leaves the owner alone.
-func openOwned(path string, uid, gid int) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0600)
-	if err != nil {
-		return nil, err
-	}
-	if os.Geteuid() == 0 && uid >= 0 {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
-			return nil, err
-		}
-	}
-	return f, nil
-}

@@ -4,8 +4,11 @@
 // to the exchange file at start, at random intervals and on a clean exit.
 //
 // SECURITY: seed bytes and pool state are never logged; the state is
-// overwritten when the process exits. A weak or broken external source
-// cannot weaken the pool below the kernel's entropy, which is always in it.
+// overwritten when the process exits, after the last request was answered,
+// and a wiped pool refuses to generate rather than run on from zeros. A
+// weak or broken external source cannot weaken the pool below the kernel's
+// entropy, which goes in at the start and at every reseed; a source that
+// fails is retried, never a reason to stop serving seeds.
 
 package main
 
@@ -32,10 +35,14 @@ const (
 	sourceTimeout    = 10 * time.Second
 )
 
-var errNeedReseed = errors.New("Hash_DRBG: reseed required")
+var (
+	errNeedReseed      = errors.New("Hash_DRBG: reseed required")
+	errNotInstantiated = errors.New("Hash_DRBG: not instantiated (the pool was wiped at exit)")
+)
 
 // hashDRBG is the bare mechanism of SP 800-90A §10.1.1; it is not safe for
-// concurrent use (pool wraps it with a mutex).
+// concurrent use (pool wraps it with a mutex). A reseedCounter of 0 means
+// not instantiated: never used, or wiped.
 type hashDRBG struct {
 	v, c          [seedLenBytes]byte
 	reseedCounter uint64
@@ -64,10 +71,14 @@ func (d *hashDRBG) instantiate(entropy, nonce, personalization []byte) {
 	d.reseedCounter = 1
 }
 
-func (d *hashDRBG) reseed(entropy, additional []byte) {
+func (d *hashDRBG) reseed(entropy, additional []byte) error {
+	if d.reseedCounter == 0 {
+		return errNotInstantiated // reseeding would restart from a known (zero) V
+	}
 	copy(d.v[:], hashDF(seedLenBytes, []byte{1}, d.v[:], entropy, additional))
 	copy(d.c[:], hashDF(seedLenBytes, []byte{0}, d.v[:]))
 	d.reseedCounter = 1
+	return nil
 }
 
 // addInto sets dst = (dst + src) mod 2^440, both big-endian; src may be shorter.
@@ -87,6 +98,9 @@ func addInto(dst *[seedLenBytes]byte, src []byte) {
 func (d *hashDRBG) generate(out, additional []byte) error {
 	if len(out) > maxBytesPerCall {
 		return fmt.Errorf("Hash_DRBG: %d bytes requested, at most %d per call", len(out), maxBytesPerCall)
+	}
+	if d.reseedCounter == 0 {
+		return errNotInstantiated
 	}
 	if d.reseedCounter > reseedInterval {
 		return errNeedReseed
@@ -168,7 +182,11 @@ func (p *pool) read(out []byte) error {
 			if _, err := io.ReadFull(rand.Reader, fresh); err != nil {
 				return err
 			}
-			p.drbg.reseed(fresh, now[:])
+			err = p.drbg.reseed(fresh, now[:])
+			clear(fresh)
+			if err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
@@ -187,21 +205,25 @@ func (p *pool) Read(out []byte) (int, error) {
 	return len(out), nil
 }
 
-// mix reseeds with external bytes; the kernel's share stays in V.
-func (p *pool) mix(entropy []byte) {
+// mix reseeds with external bytes; the kernel's share stays in V. A wiped
+// pool stays wiped.
+func (p *pool) mix(entropy []byte) error {
 	var now [8]byte
 	binary.BigEndian.PutUint64(now[:], uint64(time.Now().UnixNano()))
 	p.mu.Lock()
-	p.drbg.reseed(entropy, now[:])
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	return p.drbg.reseed(entropy, now[:])
 }
 
 // randomDelay returns period*r/255 seconds for a fresh random byte r, as
-// Postfix schedules its reseed and exchange timers.
+// Postfix schedules its reseed and exchange timers. Should the pool fail
+// (it was wiped at exit), the whole period: never a busy loop.
 func (p *pool) randomDelay(period int64) time.Duration {
 	period = min(period, maxTimerPeriod)
-	var r [1]byte
-	p.read(r[:])
+	r := [1]byte{255}
+	if err := p.read(r[:]); err != nil {
+		r[0] = 255
+	}
 	return time.Duration(period*int64(r[0])/255) * time.Second
 }
 
@@ -211,53 +233,68 @@ func (p *pool) wipe() {
 	p.mu.Unlock()
 }
 
-// entropySource is tls_random_source, opened before chroot.
+// entropySource is tls_random_source, opened before chroot. Postfix exits
+// when it cannot open or read it, so that master(8) starts a process that
+// reopens it; our pool takes fresh kernel entropy at every reseed, so
+// exiting would buy nothing and stall every STARTTLS client. Instead a
+// failing source is reopened at the next reseed (by its path, which in a
+// chroot must exist under queue_directory), and the caller warns at most
+// once a minute meanwhile.
 type entropySource struct {
-	spec   string // the parameter value, for messages
-	kind   string // "dev", "egd", "file" or ""
-	path   string
-	bytes  int // tls_random_bytes
-	file   *os.File
-	egd    net.Conn
-	broken bool // could not be opened: the first reseed exits to reopen
+	spec string // the parameter value, for messages
+	kind string // "dev", "egd", "file" or "" (none)
+	path string
+	// tls_random_bytes
+	bytes int
+	file  *os.File
+	egd   net.Conn
+	done  bool // a plain file is read once, then the source counts as empty
 }
 
-// openEntropySource opens the source; failures are warnings, as in Postfix,
-// and make the first reseed exit so that master(8) restarts us.
+// openEntropySource opens the source as root, as Postfix does; a failure
+// is a warning, and the source is retried at each reseed.
 func openEntropySource(spec string, bytes int) *entropySource {
 	s := &entropySource{spec: spec, bytes: bytes}
 	switch {
 	case spec == "":
 		msg.warn("no entropy source specified with parameter tls_random_source")
 		msg.warn("encryption keys etc. may be predictable")
+		return s
 	case strings.HasPrefix(spec, "dev:"):
 		s.kind, s.path = "dev", spec[len("dev:"):]
-		f, err := os.Open(s.path)
-		if err != nil {
-			msg.warn("cannot open entropy device %s: %v", s.path, errText(err))
-			s.broken = true
-			break
-		}
-		s.file = f
 	case strings.HasPrefix(spec, "egd:"):
 		s.kind, s.path = "egd", spec[len("egd:"):]
-		c, err := net.DialTimeout("unix", s.path, sourceTimeout)
-		if err != nil {
-			msg.warn("cannot connect to EGD server %s: %v", s.path, errText(err))
-			s.broken = true
-			break
-		}
-		s.egd = c
 	default:
 		s.kind, s.path = "file", spec
+	}
+	if err := s.open(); err != nil {
+		msg.warnLimited("entropy "+spec, "%v; reseeding from the kernel alone until it works again", err)
+	}
+	return s
+}
+
+func (s *entropySource) open() error {
+	switch s.kind {
+	case "dev":
 		f, err := os.Open(s.path)
 		if err != nil {
-			s.broken = true // silent here, as in Postfix; the first reseed exits to reopen
-			break
+			return fmt.Errorf("cannot open entropy device %s: %s", s.path, errText(err))
+		}
+		s.file = f
+	case "egd":
+		c, err := net.DialTimeout("unix", s.path, sourceTimeout)
+		if err != nil {
+			return fmt.Errorf("cannot connect to EGD server %s: %s", s.path, errText(err))
+		}
+		s.egd = c
+	case "file":
+		f, err := os.Open(s.path)
+		if err != nil {
+			return fmt.Errorf("cannot open entropy file %s: %s", s.path, errText(err))
 		}
 		s.file = f
 	}
-	return s
+	return nil
 }
 
 // errText renders an error like C's %m: the errno text without Go's "op path:".
@@ -269,48 +306,50 @@ func errText(err error) string {
 	return err.Error()
 }
 
-// errExitToReopen tells the caller to save the exchange file and exit 0, so
-// that master(8) starts a fresh process that opens the source again.
-type errExitToReopen struct{ text string }
-
-func (e errExitToReopen) Error() string { return e.text }
-
-// gather reads one reseed's worth of bytes.
+// gather reads one reseed's worth of bytes. An error means the source gave
+// nothing this time; it is closed and reopened at the next call.
 func (s *entropySource) gather() ([]byte, error) {
+	if s.kind == "" || s.done {
+		return nil, nil
+	}
+	if s.file == nil && s.egd == nil {
+		if err := s.open(); err != nil {
+			return nil, err
+		}
+	}
 	n := min(s.bytes, 255)
-	switch {
-	case s.broken:
-		return nil, errExitToReopen{fmt.Sprintf("exiting to reopen external entropy source %s", s.spec)}
-	case s.kind == "dev":
+	switch s.kind {
+	case "dev":
 		buf := make([]byte, n)
 		got, err := readWithTimeout(s.file, buf)
 		if got <= 0 {
 			if err == nil {
 				err = io.EOF
 			}
-			return nil, errExitToReopen{fmt.Sprintf("cannot read from entropy device %s: %s -- exiting to reopen", s.path, errText(err))}
+			s.file.Close()
+			s.file = nil
+			return nil, fmt.Errorf("cannot read from entropy device %s: %s", s.path, errText(err))
 		}
 		return buf[:got], nil
-	case s.kind == "egd":
+	case "egd":
 		buf, err := s.egdRead(n)
 		if err != nil {
-			return nil, errExitToReopen{fmt.Sprintf("lost connection to EGD server %s -- exiting to reconnect", s.path)}
+			s.egd.Close()
+			s.egd = nil
+			return nil, fmt.Errorf("lost connection to EGD server %s: %s", s.path, errText(err))
 		}
 		return buf, nil
-	case s.kind == "file":
-		// A plain file is read once, then the source counts as empty.
-		defer func() { s.file.Close(); s.file = nil; s.kind = "" }()
+	default: // a plain file, read once from the start, as Postfix does
+		defer func() { s.file.Close(); s.file = nil; s.done = true }()
 		if _, err := s.file.Seek(0, io.SeekStart); err != nil {
-			msg.warn("cannot read from entropy file %s: %s", s.path, errText(err))
-			return nil, nil
+			return nil, fmt.Errorf("cannot read from entropy file %s: %s", s.path, errText(err))
 		}
 		buf, err := io.ReadAll(io.LimitReader(s.file, int64(s.bytes)))
 		if err != nil {
-			msg.warn("cannot read from entropy file %s: %s", s.path, errText(err))
+			return buf, fmt.Errorf("cannot read from entropy file %s: %s", s.path, errText(err))
 		}
 		return buf, nil
 	}
-	return nil, nil
 }
 
 // readWithTimeout bounds a read from a device that might block forever.
@@ -343,7 +382,7 @@ func (s *entropySource) egdRead(n int) ([]byte, error) {
 		return nil, err
 	}
 	if count[0] == 0 {
-		return nil, errors.New("EGD server has no entropy")
+		return nil, errors.New("the EGD server has no entropy")
 	}
 	buf := make([]byte, count[0])
 	if _, err := io.ReadFull(s.egd, buf); err != nil {
@@ -352,29 +391,37 @@ func (s *entropySource) egdRead(n int) ([]byte, error) {
 	return buf, nil
 }
 
-// active says whether the source still has anything to give (Postfix runs
-// the reseed timer only for a non-empty source).
-func (s *entropySource) active() bool { return s.kind != "" || s.broken }
-
-// exchangeFile is tls_random_exchange_name, opened before chroot.
+// exchangeFile is tls_random_exchange_name, opened before chroot as
+// mail_owner (see files.go).
 type exchangeFile struct {
 	mu   sync.Mutex
 	path string
+	uid  int // mail_owner's, whom the file must belong to
 	file *os.File
+	gone bool // removed under us while chrooted: nothing left to save
 }
 
-// openExchangeFile opens or creates the file, mode 0600, owned by uid/gid
-// (mail_owner) when we run as root.
-func openExchangeFile(path string, uid, gid int) (*exchangeFile, error) {
-	f, err := openOwned(path, uid, gid)
+// openExchangeFile opens the file, or creates it already holding 1024
+// bytes from the pool; one that is a link, not regular, not mail_owner's
+// or hard-linked is refused with a warning and replaced. The caller runs
+// it with mail_owner's effective uid and gid.
+func openExchangeFile(path string, uid int, p *pool) (*exchangeFile, error) {
+	fresh := func() []byte {
+		b := make([]byte, exchangeFileSize)
+		p.read(b)
+		return b
+	}
+	f, err := openOrCreateDataFile(path, "PRNG exchange file", uid, fresh)
 	if err != nil {
 		return nil, fmt.Errorf("tls_prng_exch_open: cannot open PRNG exchange file %s: %s", path, errText(err))
 	}
-	return &exchangeFile{path: path, file: f}, nil
+	return &exchangeFile{path: path, uid: uid, file: f}, nil
 }
 
 // removed reports a file that was unlinked while we hold it open.
 func (x *exchangeFile) removed() bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
 	var st syscall.Stat_t
 	if err := syscall.Fstat(int(x.file.Fd()), &st); err != nil {
 		return true
@@ -382,11 +429,35 @@ func (x *exchangeFile) removed() bool {
 	return st.Nlink == 0
 }
 
+// reopen replaces a removed file by name; only possible outside a chroot.
+func (x *exchangeFile) reopen(p *pool) error {
+	nx, err := openExchangeFile(x.path, x.uid, p)
+	if err != nil {
+		return err
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.file.Close()
+	x.file = nx.file
+	return nil
+}
+
+// forget marks the file as removed for good: exit saves nothing.
+func (x *exchangeFile) forget() {
+	x.mu.Lock()
+	x.gone = true
+	x.mu.Unlock()
+}
+
 // update reads what is there into the pool and writes 1024 fresh bytes,
 // under an exclusive flock so that concurrent tlsmgr processes take turns.
+// A longer file is cut to 1024 bytes, so that it is always that size.
 func (x *exchangeFile) update(p *pool) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if x.gone {
+		return nil
+	}
 	fd := int(x.file.Fd())
 	if err := syscall.Flock(fd, syscall.LOCK_EX); err != nil {
 		return fmt.Errorf("cannot lock PRNG exchange file %s: %s", x.path, errText(err))
@@ -399,13 +470,18 @@ func (x *exchangeFile) update(p *pool) error {
 		return fmt.Errorf("cannot read PRNG exchange file %s: %s", x.path, errText(err))
 	}
 	if n > 0 {
-		p.mix(buf[:n])
+		if err := p.mix(buf[:n]); err != nil {
+			return fmt.Errorf("cannot update PRNG exchange file %s: %v", x.path, err)
+		}
 	}
 	if err := p.read(buf); err != nil {
-		return fmt.Errorf("cannot generate PRNG exchange data: %v", err)
+		return fmt.Errorf("cannot update PRNG exchange file %s: %v", x.path, err)
 	}
 	if _, err := x.file.WriteAt(buf, 0); err != nil {
 		return fmt.Errorf("cannot write PRNG exchange file %s: %s", x.path, errText(err))
+	}
+	if err := x.file.Truncate(exchangeFileSize); err != nil {
+		return fmt.Errorf("cannot truncate PRNG exchange file %s: %s", x.path, errText(err))
 	}
 	return nil
 }

@@ -149,6 +149,7 @@ func captureLog(t *testing.T) func() string {
 	msg.mu.Lock()
 	old, oldStderr := msg.out, msg.stderr
 	msg.out, msg.stderr = &buf, true
+	msg.limited = nil // each test sees its first rate-limited warning
 	msg.mu.Unlock()
 	t.Cleanup(func() {
 		msg.mu.Lock()
@@ -176,22 +177,28 @@ func TestEntropySources(t *testing.T) {
 			t.Fatalf("got %d bytes, %v; want 255", len(b), err)
 		}
 	})
-	t.Run("dev that cannot be opened exits to reopen", func(t *testing.T) {
+	t.Run("dev that cannot be opened warns, and is reopened once it exists", func(t *testing.T) {
 		logged := captureLog(t)
-		s := openEntropySource("dev:"+dir+"/missing", 32)
-		if !strings.Contains(logged(), "warning: cannot open entropy device "+dir+"/missing: no such file or directory") {
-			t.Errorf("log: %q", logged())
+		missing := filepath.Join(t.TempDir(), "missing")
+		s := openEntropySource("dev:"+missing, 32)
+		if want := "warning: cannot open entropy device " + missing + ": no such file or directory; reseeding from the kernel alone until it works"; !strings.Contains(logged(), want) {
+			t.Errorf("log %q, want %q", logged(), want)
 		}
-		_, err := s.gather()
-		if want := "exiting to reopen external entropy source dev:" + dir + "/missing"; err == nil || err.Error() != want {
-			t.Errorf("gather: %v, want %q", err, want)
+		if _, err := s.gather(); err == nil || err.Error() != "cannot open entropy device "+missing+": no such file or directory" {
+			t.Errorf("gather: %v", err)
+		}
+		os.WriteFile(missing, bytes.Repeat([]byte{5}, 64), 0600) // the device appears
+		if b, err := s.gather(); err != nil || len(b) != 32 {
+			t.Errorf("gather after the source came back: %d bytes, %v", len(b), err)
 		}
 	})
-	t.Run("dev that fails to read exits to reopen", func(t *testing.T) {
+	t.Run("dev that fails to read is closed and retried", func(t *testing.T) {
 		s := openEntropySource("dev:"+dir, 32) // a directory opens, but read fails
-		_, err := s.gather()
-		if err == nil || !strings.Contains(err.Error(), "cannot read from entropy device "+dir+": is a directory -- exiting to reopen") {
-			t.Errorf("gather: %v", err)
+		for range 2 {
+			_, err := s.gather()
+			if err == nil || err.Error() != "cannot read from entropy device "+dir+": is a directory" {
+				t.Errorf("gather: %v", err)
+			}
 		}
 	})
 	t.Run("plain file is read once", func(t *testing.T) {
@@ -200,29 +207,29 @@ func TestEntropySources(t *testing.T) {
 		if err != nil || !bytes.Equal(b, bytes.Repeat([]byte{7}, 32)) {
 			t.Fatalf("first read: %x, %v", b, err)
 		}
-		if s.active() {
-			t.Error("plain file still active after its one read")
-		}
-		if b, _ := s.gather(); len(b) != 0 {
-			t.Errorf("second read gave %d bytes", len(b))
+		if b, err := s.gather(); len(b) != 0 || err != nil {
+			t.Errorf("second read gave %d bytes, %v", len(b), err)
 		}
 	})
-	t.Run("plain file that is missing is silent, then exits to reopen", func(t *testing.T) {
+	t.Run("plain file that is missing warns, then is retried", func(t *testing.T) {
 		logged := captureLog(t)
 		s := openEntropySource(dir+"/nope", 32)
-		if logged() != "" {
+		if !strings.Contains(logged(), "warning: cannot open entropy file "+dir+"/nope: no such file or directory") {
 			t.Errorf("log %q", logged())
 		}
-		if _, err := s.gather(); err == nil || err.Error() != "exiting to reopen external entropy source "+dir+"/nope" {
+		if _, err := s.gather(); err == nil || err.Error() != "cannot open entropy file "+dir+"/nope: no such file or directory" {
 			t.Errorf("gather: %v", err)
 		}
 	})
-	t.Run("empty source warns twice", func(t *testing.T) {
+	t.Run("empty source warns twice and gives nothing", func(t *testing.T) {
 		logged := captureLog(t)
 		s := openEntropySource("", 32)
 		want := "warning: no entropy source specified with parameter tls_random_source"
-		if !strings.Contains(logged(), want) || !strings.Contains(logged(), "warning: encryption keys etc. may be predictable") || s.active() {
+		if !strings.Contains(logged(), want) || !strings.Contains(logged(), "warning: encryption keys etc. may be predictable") {
 			t.Errorf("log %q", logged())
+		}
+		if b, err := s.gather(); len(b) != 0 || err != nil {
+			t.Errorf("gather: %d bytes, %v", len(b), err)
 		}
 	})
 	t.Run("egd speaks 01 NN and reads count plus bytes", func(t *testing.T) {
@@ -237,13 +244,16 @@ func TestEntropySources(t *testing.T) {
 			t.Errorf("EGD request %x, want 01ff", req)
 		}
 	})
-	t.Run("egd that answers 0 bytes makes us reconnect", func(t *testing.T) {
+	t.Run("egd that answers 0 bytes is reconnected", func(t *testing.T) {
 		sock := filepath.Join(dir, "egd0")
 		fakeEGD(t, sock, 0)
 		s := openEntropySource("egd:"+sock, 32)
 		_, err := s.gather()
-		if err == nil || err.Error() != "lost connection to EGD server "+sock+" -- exiting to reconnect" {
+		if err == nil || err.Error() != "lost connection to EGD server "+sock+": the EGD server has no entropy" {
 			t.Errorf("gather: %v", err)
+		}
+		if s.egd != nil {
+			t.Error("the failed EGD connection was kept")
 		}
 	})
 	t.Run("egd that is not there", func(t *testing.T) {
@@ -286,7 +296,7 @@ func TestExchangeFileLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "prng_exch")
 	p, _ := newPool()
-	x, err := openExchangeFile(path, -1, -1)
+	x, err := openExchangeFile(path, os.Geteuid(), p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,7 +323,7 @@ func TestExchangeFileLifecycle(t *testing.T) {
 			d.drbg.instantiate(make([]byte, 32), make([]byte, 16), nil)
 			f := filepath.Join(t.TempDir(), "x")
 			os.WriteFile(f, content, 0600)
-			x, _ := openExchangeFile(f, -1, -1)
+			x, _ := openExchangeFile(f, os.Geteuid(), &d)
 			x.update(&d)
 			b, _ := os.ReadFile(f)
 			return b
@@ -326,7 +336,7 @@ func TestExchangeFileLifecycle(t *testing.T) {
 		for _, content := range [][]byte{nil, []byte("x"), bytes.Repeat([]byte{0xff}, 5000)} {
 			f := filepath.Join(t.TempDir(), "x")
 			os.WriteFile(f, content, 0600)
-			x, err := openExchangeFile(f, -1, -1)
+			x, err := openExchangeFile(f, os.Geteuid(), p)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -334,8 +344,8 @@ func TestExchangeFileLifecycle(t *testing.T) {
 				t.Errorf("%d-byte file: %v", len(content), err)
 			}
 			b, _ := os.ReadFile(f)
-			if len(b) != max(len(content), exchangeFileSize) {
-				t.Errorf("%d-byte file became %d bytes", len(content), len(b))
+			if len(b) != exchangeFileSize {
+				t.Errorf("%d-byte file became %d bytes, want always %d", len(content), len(b), exchangeFileSize)
 			}
 		}
 	})
@@ -349,7 +359,7 @@ func TestExchangeFileLifecycle(t *testing.T) {
 		}
 	})
 	t.Run("unopenable file is Postfix's fatal message", func(t *testing.T) {
-		_, err := openExchangeFile(filepath.Join(dir, "no/such/dir/prng_exch"), -1, -1)
+		_, err := openExchangeFile(filepath.Join(dir, "no/such/dir/prng_exch"), os.Geteuid(), p)
 		if err == nil || !strings.HasPrefix(err.Error(), "tls_prng_exch_open: cannot open PRNG exchange file ") {
 			t.Errorf("got %v", err)
 		}

@@ -3,9 +3,13 @@
 // handler per request: seed, policy, lookup, update, delete, tktkey.
 //
 // SECURITY: everything a client sends is untrusted. Every attribute is
-// bounded (maxAttrLen), a connection that stalls holds only its own
-// goroutine, and a malformed request gets a FAIL reply or a closed
-// connection plus a warning, never a crash.
+// bounded (maxAttrLen), one deadline (ipc_timeout) covers reading a request
+// and writing its reply, buffers grown by a large request are let go
+// afterwards, a connection that stalls holds only its own goroutine, and at
+// the connection limit the longest-idle client makes room for a new one. A
+// malformed request gets a FAIL reply or a closed connection plus a
+// warning, never a crash. Ticket keys leave the lock only as copies, and
+// are wiped when replaced and at exit.
 
 package main
 
@@ -20,6 +24,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -29,6 +34,10 @@ var handshake = []byte("protocol\x00tlsmgr_protocol\x00\x00")
 // maxAttrLen bounds one attribute name or value on input. Postfix 3.7 has
 // no bound; real sessions are a few KiB, so 1 MiB costs no client anything.
 const maxAttrLen = 1 << 20
+
+// keepBufBytes is how much buffer a connection keeps between requests; a
+// larger one, grown by a large session, is released once it is answered.
+const keepBufBytes = 64 << 10
 
 type attrType int
 
@@ -211,16 +220,38 @@ type server struct {
 	keys         *ticketKeys
 	ipcTimeout   time.Duration
 	streamName   string
-	connSlots    chan struct{} // bounds concurrent connections
-	busy, idle   func()        // master(8) status records, or nil
-	strayArg     string        // a non-option argument: fatal at the first request
+	maxConns     int    // tlsmgr_max_connections; 0 means no limit
+	busy, idle   func() // master(8) status records, or nil
+	strayArg     string // a non-option argument: fatal at the first request
 	firstRequest sync.Once
+
+	mu        sync.Mutex
+	conns     map[*clientConn]struct{}
+	listeners []net.Listener
+	draining  bool           // exit has begun: no new connections or requests
+	inFlight  sync.WaitGroup // requests being answered, for an orderly exit
+}
+
+// clientStream is a client connection, or stdin and stdout for -S.
+type clientStream interface {
+	io.ReadWriter
+	SetDeadline(time.Time) error
+}
+
+// clientConn is one accepted connection and what the connection limit
+// needs to know about it.
+type clientConn struct {
+	net.Conn
+	lastActive atomic.Int64 // UnixNano of the accept or of the last reply
+	inRequest  atomic.Bool  // between reading a request and writing its reply
 }
 
 // serveConn runs one client connection until it closes. announce is false
-// only for -S (stdin) mode, where Postfix sends no handshake.
-func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, announce bool) {
+// only for -S (stdin) mode, where Postfix sends no handshake; cc is nil
+// there too.
+func (s *server) serveConn(rw clientStream, cc *clientConn, announce bool) {
 	if announce {
+		rw.SetDeadline(time.Now().Add(s.ipcTimeout))
 		if _, err := rw.Write(handshake); err != nil {
 			return
 		}
@@ -229,9 +260,9 @@ func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, 
 	w := &attrWriter{buf: make([]byte, 0, 512)}
 	r.req = new(request) // reused for every request of this connection
 	for {
-		if setDeadline != nil {
-			setDeadline(time.Now().Add(s.ipcTimeout))
-		}
+		// One deadline covers reading a request and writing its reply: a
+		// client that stops reading loses its connection after ipc_timeout.
+		rw.SetDeadline(time.Now().Add(s.ipcTimeout))
 		req, err := s.readRequest(r)
 		if err != nil {
 			if err == errTrigger {
@@ -241,6 +272,12 @@ func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, 
 		}
 		if req == nil {
 			continue // a lone NUL: Postfix treats it as a trigger and says nothing
+		}
+		if !s.beginRequest() {
+			return // exiting: the client retries with our successor
+		}
+		if cc != nil {
+			cc.inRequest.Store(true)
 		}
 		if s.busy != nil {
 			s.busy()
@@ -253,13 +290,64 @@ func (s *server) serveConn(rw io.ReadWriter, setDeadline func(time.Time) error, 
 		w.buf = w.buf[:0]
 		s.handle(req, w)
 		_, werr := rw.Write(w.buf)
+		if werr != nil && isTimeout(werr) {
+			msg.warn("timeout on %s while writing a reply: the client does not read; closing the connection", s.streamName)
+		}
 		if s.idle != nil {
 			s.idle()
+		}
+		if cc != nil {
+			cc.inRequest.Store(false)
+			cc.lastActive.Store(time.Now().UnixNano())
+		}
+		s.inFlight.Done()
+		req.data = nil
+		if cap(r.tok) > keepBufBytes {
+			r.tok = nil
+		}
+		if cap(w.buf) > keepBufBytes {
+			w.buf = make([]byte, 0, 512)
 		}
 		if werr != nil {
 			return
 		}
 	}
+}
+
+// beginRequest counts a request in flight, unless exit has begun.
+func (s *server) beginRequest() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return false
+	}
+	s.inFlight.Add(1)
+	return true
+}
+
+// drain is the first step of an orderly exit: stop accepting, let the
+// requests in flight be answered (for at most limit), close every client
+// connection. Only then may the exchange file be saved and the pool wiped.
+func (s *server) drain(limit time.Duration) {
+	s.mu.Lock()
+	s.draining = true
+	listeners := s.listeners
+	s.mu.Unlock()
+	for _, ln := range listeners {
+		ln.Close()
+	}
+	done := make(chan struct{})
+	go func() { s.inFlight.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(limit):
+		msg.warn("requests still in flight %v after the exit began; exiting anyway", limit)
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
 }
 
 // readRequest reads one request list with the semantics of Postfix's
@@ -475,7 +563,8 @@ func (s *server) handleTktkey(req *request, w *attrWriter) {
 		noKey(statErr, nil)
 		return
 	}
-	var key *ticketKey
+	var key ticketKey // a copy: the shared keys never leave their lock
+	var found bool
 	if len(req.data) == 0 {
 		var err error
 		if key, err = s.keys.issue(); err != nil {
@@ -483,10 +572,11 @@ func (s *server) handleTktkey(req *request, w *attrWriter) {
 			noKey(statErr, nil)
 			return
 		}
-	} else if key = s.keys.find(req.data); key == nil {
+	} else if key, found = s.keys.find(req.data); !found {
 		noKey(statErr, req.data) // Postfix echoes the name it could not find
 		return
 	}
+	defer key.wipe()
 	buf := key.marshal()
 	w.int("status", statOK)
 	w.data("keybuf", buf[:])
@@ -516,8 +606,12 @@ func (k *ticketKey) marshal() [ticketKeyLen]byte {
 	return b
 }
 
+func (k *ticketKey) wipe() { *k = ticketKey{} }
+
 // ticketKeys keeps the current and the previous key. A key issues tickets
-// for H = T/2 seconds and still decrypts them for another H.
+// for H = T/2 seconds and still decrypts them for another H. The keys are
+// handed out by value, copied under the lock, so that a rotation can wipe
+// a retired key while a copy of it is being sent.
 type ticketKeys struct {
 	mu        sync.Mutex
 	cur, prev *ticketKey
@@ -532,45 +626,69 @@ func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
 
 func (t *ticketKeys) disabled() bool { return t.half == 0 }
 
-// issue returns the current key, making a new one when it has stopped issuing.
-func (t *ticketKeys) issue() (*ticketKey, error) {
+// issue returns the current key, making a new one when it has stopped
+// issuing: at its tout, as Postfix does (timecmp(tout, now) <= 0).
+func (t *ticketKeys) issue() (ticketKey, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now().Unix()
 	if t.cur != nil && t.cur.tout > now {
-		return t.cur, nil
+		return *t.cur, nil
 	}
 	k := &ticketKey{tout: now + t.half - 1}
 	for _, part := range [][]byte{k.name[:], k.bits[:], k.hmac[:]} {
 		if _, err := io.ReadFull(t.rand, part); err != nil {
-			return nil, err
+			k.wipe()
+			return ticketKey{}, err
 		}
 	}
 	if t.prev != nil {
-		*t.prev = ticketKey{} // wipe the retired key
+		t.prev.wipe() // the retired key
 	}
 	t.prev, t.cur = t.cur, k
-	return k, nil
+	return *k, nil
 }
 
-// find returns the key with this name while it may still decrypt tickets.
-func (t *ticketKeys) find(name []byte) *ticketKey {
+// find returns the key with this name while it may still decrypt tickets,
+// that is while tout + H > now.
+func (t *ticketKeys) find(name []byte) (ticketKey, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now().Unix()
 	for _, k := range []*ticketKey{t.cur, t.prev} {
 		if k != nil && bytes.Equal(k.name[:], name) {
 			if k.tout+t.half > now {
-				return k
+				return *k, true
 			}
-			return nil
+			return ticketKey{}, false
 		}
 	}
-	return nil
+	return ticketKey{}, false
 }
 
-// serveListener accepts connections until the listener is closed.
+// wipe forgets both keys, at exit.
+func (t *ticketKeys) wipe() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range []*ticketKey{t.cur, t.prev} {
+		if k != nil {
+			k.wipe()
+		}
+	}
+	t.cur, t.prev = nil, nil
+}
+
+// serveListener accepts connections until the listener is closed; at
+// tlsmgr_max_connections the longest-idle client makes room.
 func (s *server) serveListener(ln net.Listener) {
+	s.mu.Lock()
+	if s.draining {
+		s.mu.Unlock()
+		ln.Close()
+		return
+	}
+	s.listeners = append(s.listeners, ln)
+	s.mu.Unlock()
 	var delay time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -580,28 +698,79 @@ func (s *server) serveListener(ln net.Listener) {
 			}
 			// Out of file descriptors and the like: back off, keep serving.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			msg.warn("accept connection on %s: %v", s.streamName, err)
+			msg.warnLimited("accept", "accept connection on %s: %v", s.streamName, err)
 			time.Sleep(delay)
 			continue
 		}
 		delay = 0
-		select {
-		case s.connSlots <- struct{}{}:
-		default:
-			msg.warn("too many connections on %s: %d; closing the newest (raise tlsmgr_max_connections)", s.streamName, cap(s.connSlots))
-			conn.Close()
+		cc := s.admit(conn)
+		if cc == nil {
+			conn.Close() // exiting
 			continue
 		}
 		go func() {
-			defer func() { <-s.connSlots }()
-			defer conn.Close()
-			s.serveConn(conn, conn.SetReadDeadline, true)
+			defer s.release(cc)
+			s.serveConn(cc, cc, true)
 		}()
 	}
 }
 
-// stdio joins stdin and stdout for -S mode.
+// admit registers a new connection. At the limit it closes the connection
+// that has waited longest for its next request, never the new one: idle
+// clients must not lock out one that has work (stock tlsmgr, with no
+// limit, serves them all).
+func (s *server) admit(conn net.Conn) *clientConn {
+	cc := &clientConn{Conn: conn}
+	cc.lastActive.Store(time.Now().UnixNano())
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return nil
+	}
+	if s.conns == nil {
+		s.conns = map[*clientConn]struct{}{}
+	}
+	if s.maxConns > 0 && len(s.conns) >= s.maxConns {
+		victim := s.longestIdle()
+		delete(s.conns, victim)
+		victim.Close()
+		idle := time.Since(time.Unix(0, victim.lastActive.Load())).Round(time.Second)
+		msg.warnLimited("connection limit", "%s: %d connections, the tlsmgr_max_connections limit: closed the one idle for %v to serve a new one",
+			s.streamName, s.maxConns, idle)
+	}
+	s.conns[cc] = struct{}{}
+	return cc
+}
+
+// longestIdle picks the connection to close: one between requests before
+// one in the middle of a request, then the one quiet for longest.
+func (s *server) longestIdle() *clientConn {
+	var victim *clientConn
+	for c := range s.conns {
+		switch {
+		case victim == nil:
+			victim = c
+		case victim.inRequest.Load() != c.inRequest.Load():
+			if victim.inRequest.Load() {
+				victim = c
+			}
+		case c.lastActive.Load() < victim.lastActive.Load():
+			victim = c
+		}
+	}
+	return victim
+}
+
+func (s *server) release(cc *clientConn) {
+	s.mu.Lock()
+	delete(s.conns, cc)
+	s.mu.Unlock()
+	cc.Close()
+}
+
+// stdio joins stdin and stdout for -S mode, which has no deadline.
 type stdio struct{}
 
 func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
 func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
+func (stdio) SetDeadline(time.Time) error { return nil }

@@ -26,7 +26,7 @@ func FuzzRequests(f *testing.F) {
 	} {
 		f.Add([]byte(seed))
 	}
-	st, err := openStore(filepath.Join(f.TempDir(), "fuzz.sqlite"), allCaches(3600), -1, -1, 500)
+	st, err := openStore(filepath.Join(f.TempDir(), "fuzz.sqlite"), allCaches(3600), 500)
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -4,9 +4,15 @@
 //
 // SECURITY: cache ids and sessions come from Postfix daemons and are stored
 // as opaque bytes through bound parameters; nothing a client sends is ever
-// part of SQL text. The file is 0600 and owned by mail_owner; every
-// connection is opened before chroot and kept open, because nothing can be
-// reopened by path afterwards.
+// part of SQL text. The caches are disposable, as in Postfix, which
+// truncates its cache files at every start: we remove the file and its
+// companions and create a new one, as mail_owner and never through a link
+// (files.go), so a damaged, foreign or planted file can neither stop us nor
+// be written through. Deleted sessions are overwritten (secure_delete), the
+// WAL is bounded and truncated at exit, and every connection is opened
+// before chroot and kept open, because nothing can be reopened by path
+// afterwards. A database that cannot be opened, or a disk that fills up,
+// costs caching only: seeds and ticket keys keep flowing.
 
 package main
 
@@ -16,6 +22,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -30,10 +37,15 @@ var schemaSQL string
 // one writer, and two cores gain nothing from more.
 const readerConns = 4
 
+// walSizeLimit bounds the -wal file: after a checkpoint SQLite truncates it
+// to this size, so it neither grows without bound nor keeps old session
+// pages around for long.
+const walSizeLimit = 4 << 20
+
 // Lookup, update and delete results, as tlsmgr sends them (postfix-tlsmgr.md §2).
 const (
 	statOK   = 0
-	statErr  = -1 // not found, or no usable key
+	statErr  = -1 // not found, not stored, or no usable key
 	statFail = -2 // bad request, unknown or disabled cache
 )
 
@@ -43,11 +55,14 @@ type cache struct {
 	database string // *_tls_session_cache_database; non-empty enables the cache
 	timeout  int64  // effective timeout in seconds, 0 = disabled
 	logCache bool   // the "cache" bit of *_tls_loglevel
+	offline  bool   // the database could not be opened: no caching in this process
 
 	lookupStmt, expireStmt, updateStmt, deleteStmt, sweepStmt *sql.Stmt
 }
 
-func (c *cache) enabled() bool { return c.database != "" && c.timeout > 0 }
+// configured is what main.cf asks for; enabled is what this process does.
+func (c *cache) configured() bool { return c.database != "" && c.timeout > 0 }
+func (c *cache) enabled() bool    { return c.configured() && !c.offline }
 
 // effectiveTimeout sanitises a cache timeout the way tlsmgr does at start.
 func effectiveTimeout(t int64) int64 {
@@ -62,24 +77,27 @@ func effectiveTimeout(t int64) int64 {
 
 type store struct {
 	path       string
-	writer     *sql.DB // one connection: SQLite has one writer at a time anyway
+	uid        int      // mail_owner's: every file must belong to it
+	lock       *os.File // held for the life of the process: one tlsmgr per database
+	writer     *sql.DB  // one connection: SQLite has one writer at a time anyway
 	reader     *sql.DB
 	caches     map[string]*cache
 	sweepBatch int
 	now        func() time.Time
+	closed     bool
 }
 
-// cacheConfig is what openStore needs to know about one cache.
+// cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
 	label, database, loglevel string
 	timeout                   int64
 }
 
-// openStore opens (creating if needed) the SQLite file, empties the caches
-// as Postfix does at every start, and opens every connection it will use.
-func openStore(path string, caches []cacheConfig, uid, gid int, sweepBatch int) (*store, error) {
+// newStore checks the cache configuration; a database named twice is
+// Postfix's fatal error. It opens nothing.
+func newStore(caches []cacheConfig, sweepBatch int) (*store, error) {
 	seen := map[string]string{}
-	s := &store{path: path, caches: map[string]*cache{}, sweepBatch: sweepBatch, now: time.Now}
+	s := &store{caches: map[string]*cache{}, sweepBatch: sweepBatch, now: time.Now}
 	for _, cc := range caches {
 		c := &cache{label: cc.label, database: cc.database, timeout: effectiveTimeout(cc.timeout)}
 		mask, err := tlsLogMask(cc.loglevel)
@@ -87,7 +105,7 @@ func openStore(path string, caches []cacheConfig, uid, gid int, sweepBatch int) 
 			msg.warn("%s_tls_loglevel: %v", cc.label, err)
 		}
 		c.logCache = mask&logMaskCache != 0
-		if c.enabled() {
+		if c.configured() {
 			if other, dup := seen[c.database]; dup {
 				return nil, fmt.Errorf("do not use the same TLS cache file %s for %s and %s", c.database, other, c.label)
 			}
@@ -95,52 +113,95 @@ func openStore(path string, caches []cacheConfig, uid, gid int, sweepBatch int) 
 		}
 		s.caches[c.label] = c
 	}
+	return s, nil
+}
 
-	// Create the file ourselves so that it is 0600 and mail_owner's; SQLite
-	// gives its -wal and -shm files the same mode and owner.
-	f, err := openOwned(path, uid, gid)
+// openStore is newStore and open together, for callers without mail_owner.
+func openStore(path string, caches []cacheConfig, sweepBatch int) (*store, error) {
+	s, err := newStore(caches, sweepBatch)
 	if err != nil {
-		return nil, fmt.Errorf("cannot open session cache database %s: %s (check tlsmgr_database and data_directory)", path, errText(err))
+		return nil, err
 	}
-	f.Close()
+	if err := s.open(path, os.Geteuid(), 0); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
 
-	dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)" +
-		"&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)"
-	if s.writer, err = openPool(dsn, 1); err != nil {
-		return nil, fmt.Errorf("session cache database %s: %v", path, err)
-	}
-	if _, err := s.writer.Exec(schemaSQL); err != nil {
-		s.close()
-		return nil, fmt.Errorf("session cache database %s: create schema: %v", path, err)
-	}
+// open takes the database lock, replaces whatever is at path with a new,
+// empty database, and opens every connection the process will use. The
+// caller runs it with mail_owner's effective uid and gid. On error nothing
+// is left open and the caches are offline; the caller decides whether
+// that stops us (a second standalone daemon) or only costs caching.
+func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
+	s.path, s.uid = path, uid
+	wanted := false
 	for _, c := range s.caches {
-		if _, err := s.writer.Exec("DELETE FROM " + c.label + "_cache"); err != nil {
+		wanted = wanted || c.configured()
+	}
+	if !wanted {
+		return nil // no cache is on: no database to hold
+	}
+	defer func() {
+		if err != nil {
 			s.close()
-			return nil, fmt.Errorf("session cache database %s: empty %s cache: %v", path, c.label, err)
+			for _, c := range s.caches {
+				c.offline = true
+			}
+		}
+	}()
+	if s.lock, err = lockDatabase(path, uid, lockWait); err != nil {
+		return err
+	}
+	for _, suffix := range []string{"", "-wal", "-shm", "-journal"} {
+		if err := removeName(path + suffix); err != nil {
+			return fmt.Errorf("cannot remove the old session cache: %s", errText(err))
 		}
 	}
+	f, err := createDataFile(path, uid, nil)
+	if err != nil {
+		return fmt.Errorf("cannot create session cache database %s: %s", path, errText(err))
+	}
+	defer f.Close()
+
+	// auto_vacuum goes first: it only takes effect before the first table.
+	dsn := "file:" + path + "?_pragma=auto_vacuum(INCREMENTAL)&_pragma=busy_timeout(10000)" +
+		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)" +
+		"&_pragma=secure_delete(ON)&_pragma=journal_size_limit(" + fmt.Sprint(walSizeLimit) + ")"
+	if s.writer, err = openPool(dsn, 1); err != nil {
+		return fmt.Errorf("session cache database %s: %v", path, err)
+	}
+	if _, err := s.writer.Exec(schemaSQL); err != nil {
+		return fmt.Errorf("session cache database %s: create schema: %v", path, err)
+	}
 	if s.reader, err = openPool(dsn, readerConns); err != nil {
-		s.close()
-		return nil, fmt.Errorf("session cache database %s: %v", path, err)
+		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	if err := s.warm(s.writer, 1); err != nil {
-		s.close()
-		return nil, err
+		return err
 	}
 	if err := s.warm(s.reader, readerConns); err != nil {
-		s.close()
-		return nil, err
+		return err
+	}
+	// SQLite opened the file by name: make sure it is the one we created,
+	// and that the -wal and -shm it made are as they should be.
+	if err := sameFile(path, int(f.Fd()), uid); err != nil {
+		return fmt.Errorf("session cache database: %v", err)
+	}
+	for _, suffix := range []string{"-wal", "-shm"} {
+		if err := checkCompanion(path+suffix, uid); err != nil {
+			return fmt.Errorf("session cache database: %v", err)
+		}
 	}
 	for _, c := range s.caches {
 		if err := s.prepare(c); err != nil {
-			s.close()
-			return nil, err
+			return err
 		}
 		if c.enabled() && c.logCache {
 			msg.info("open %s TLS cache %s", c.label, c.database)
 		}
 	}
-	return s, nil
+	return nil
 }
 
 // openPool opens a fixed-size pool whose connections are never closed.
@@ -203,13 +264,41 @@ func (s *store) prepare(c *cache) error {
 	return nil
 }
 
+// close checkpoints the WAL and truncates it through the open connection
+// (in a chroot SQLite cannot remove it by name, and a -wal left behind
+// would hold deleted sessions), closes every connection, and releases the
+// lock, in that order.
 func (s *store) close() {
+	if s.closed {
+		return
+	}
+	s.closed = true
 	if s.reader != nil {
 		s.reader.Close()
 	}
 	if s.writer != nil {
+		if _, err := s.writer.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+			msg.warn("session cache database %s: checkpoint at exit: %v", s.path, err)
+		}
 		s.writer.Close()
 	}
+	if s.lock != nil {
+		s.lock.Close()
+	}
+}
+
+// ping is the watchdog's probe: the writer connection can still be taken.
+func (s *store) ping() {
+	if s.writer != nil {
+		s.writer.Exec("SELECT 1")
+	}
+}
+
+// writeFailed reports a failed write at most once a minute: a full disk or
+// a read-only file turns every update into one, and the log must not fill
+// up with them. Storing resumes by itself when the fault goes away.
+func (s *store) writeFailed(c *cache, what, id string, err error) {
+	msg.warnLimited("cache write", "%s TLS cache: cannot %s entry %s: %v; session not cached", c.label, what, id, err)
 }
 
 // lookup returns the session and statOK, or statErr for a missing or
@@ -226,13 +315,13 @@ func (s *store) lookup(c *cache, id string) ([]byte, int) {
 		return nil, statErr
 	}
 	if err != nil {
-		msg.warn("%s TLS cache: lookup %s: %v", c.label, id, err)
+		msg.warnLimited("cache read", "%s TLS cache: cannot look up entry %s: %v", c.label, id, err)
 		return nil, statErr
 	}
 	now := s.now().Unix()
 	if expires < now {
 		if _, err := c.expireStmt.Exec(id, now); err != nil {
-			msg.warn("%s TLS cache: delete expired %s: %v", c.label, id, err)
+			s.writeFailed(c, "delete expired", id, err)
 		}
 		return nil, statErr
 	}
@@ -251,8 +340,8 @@ func (s *store) update(c *cache, id string, session []byte) int {
 		session = []byte{} // NOT NULL: an empty session is still a session
 	}
 	if _, err := c.updateStmt.Exec(id, session, now, now+c.timeout); err != nil {
-		msg.warn("%s TLS cache: cannot store entry %s: %v", c.label, id, err)
-		return statFail
+		s.writeFailed(c, "store", id, err)
+		return statErr // clients treat it as "not cached"
 	}
 	if c.logCache {
 		msg.info("write %s TLS cache entry %s: time=%d [data %d bytes]", c.label, id, now, len(session))
@@ -266,8 +355,8 @@ func (s *store) remove(c *cache, id string) int {
 	}
 	res, err := c.deleteStmt.Exec(id)
 	if err != nil {
-		msg.warn("%s TLS cache: cannot delete entry %s: %v", c.label, id, err)
-		return statFail
+		s.writeFailed(c, "delete", id, err)
+		return statErr
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return statErr
@@ -276,11 +365,17 @@ func (s *store) remove(c *cache, id string) int {
 }
 
 // sweepExpired deletes every expired entry of one cache, a batch per
-// statement, so that a lookup or update waits at most one batch.
-func (s *store) sweepExpired(c *cache) (int64, error) {
+// statement, so that a lookup or update waits at most one batch. It stops
+// early when stop is closed (we are exiting).
+func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 	var total int64
-	cutoff := s.now().Unix() - 1 // expired means expires < now
+	cutoff := s.now().Unix() - 1 // expired means expires < now, as for lookup
 	for {
+		select {
+		case <-stop:
+			return total, nil
+		default:
+		}
 		res, err := c.sweepStmt.Exec(cutoff, s.sweepBatch)
 		if err != nil {
 			return total, err
@@ -293,6 +388,30 @@ func (s *store) sweepExpired(c *cache) (int64, error) {
 	}
 }
 
+// shrink gives the pages that deleted sessions occupied back to the file
+// system once they are a quarter of the file (secure_delete has already
+// zeroed them), in steps of vacuumStep pages so that a writer waits at most
+// one step.
+func (s *store) shrink() error {
+	const vacuumStep = 1000
+	var free, total int64
+	if err := s.writer.QueryRow("PRAGMA freelist_count").Scan(&free); err != nil {
+		return err
+	}
+	if err := s.writer.QueryRow("PRAGMA page_count").Scan(&total); err != nil {
+		return err
+	}
+	if free < 256 || free*4 < total {
+		return nil
+	}
+	for ; free > 0; free -= vacuumStep {
+		if _, err := s.writer.Exec(fmt.Sprintf("PRAGMA incremental_vacuum(%d)", vacuumStep)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // runSweeper sweeps one cache now and then every timeout seconds, like
 // tlsmgr's cleanup timer, until stop is closed.
 func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
@@ -303,11 +422,16 @@ func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
 		if c.logCache {
 			msg.info("tlsmgr_cache_run_event: start TLS %s session cache cleanup", c.label)
 		}
-		n, err := s.sweepExpired(c)
+		n, err := s.sweepExpired(c, stop)
 		if err != nil {
-			msg.warn("%s TLS cache: cleanup: %v", c.label, err)
+			msg.warnLimited("cache write", "%s TLS cache: cleanup: %v", c.label, err)
 		} else {
 			msg.debug("%s TLS cache: cleanup removed %d entries", c.label, n)
+		}
+		if n > 0 {
+			if err := s.shrink(); err != nil {
+				msg.warnLimited("cache write", "session cache database %s: shrink: %v", s.path, err)
+			}
 		}
 		select {
 		case <-stop:

@@ -36,13 +36,13 @@ func startServer(t testing.TB, caches []cacheConfig) *testServer {
 	t.Helper()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "tlsmgr.sqlite")
-	st, err := openStore(db, caches, -1, -1, 500)
+	st, err := openStore(db, caches, 500)
 	if err != nil {
 		t.Fatal(err)
 	}
 	p, _ := newPool()
 	srv := &server{store: st, pool: p, keys: newTicketKeys(st.caches["smtpd"].timeout, p),
-		ipcTimeout: 5 * time.Second, streamName: "tlsmgr socket", connSlots: make(chan struct{}, 64)}
+		ipcTimeout: 5 * time.Second, streamName: "tlsmgr socket", maxConns: 64}
 	sock := filepath.Join(dir, "tlsmgr.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
@@ -288,7 +288,7 @@ func TestExpiry(t *testing.T) {
 		t.Errorf("expired entry not deleted by the lookup: %d rows", n)
 	}
 	s.srv.store.sweepBatch = 1 // batches of one: the loop must still finish
-	removed, err := s.srv.store.sweepExpired(s.srv.store.caches["smtpd"])
+	removed, err := s.srv.store.sweepExpired(s.srv.store.caches["smtpd"], nil)
 	if err != nil || removed != 2 || count() != 0 {
 		t.Errorf("sweep removed %d (%v), %d left", removed, err, count())
 	}
@@ -298,7 +298,7 @@ func TestExpiry(t *testing.T) {
 func TestStoreRestartAndDuplicates(t *testing.T) {
 	dir := t.TempDir()
 	db := filepath.Join(dir, "t.sqlite")
-	st, err := openStore(db, allCaches(3600), -1, -1, 500)
+	st, err := openStore(db, allCaches(3600), 500)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +309,7 @@ func TestStoreRestartAndDuplicates(t *testing.T) {
 		}
 	}
 	st.close()
-	st, err = openStore(db, allCaches(3600), -1, -1, 500)
+	st, err = openStore(db, allCaches(3600), 500)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,12 +319,12 @@ func TestStoreRestartAndDuplicates(t *testing.T) {
 	st.close()
 	dup := allCaches(3600)
 	dup[1].database = dup[0].database
-	_, err = openStore(filepath.Join(dir, "d.sqlite"), dup, -1, -1, 500)
+	_, err = openStore(filepath.Join(dir, "d.sqlite"), dup, 500)
 	if err == nil || err.Error() != "do not use the same TLS cache file btree:/x/smtpd_scache for smtpd and smtp" {
 		t.Errorf("duplicate databases: %v", err)
 	}
 	dup[1].timeout = 0 // a disabled cache may share the name
-	if st, err := openStore(filepath.Join(dir, "e.sqlite"), dup, -1, -1, 500); err != nil {
+	if st, err := openStore(filepath.Join(dir, "e.sqlite"), dup, 500); err != nil {
 		t.Errorf("disabled duplicate: %v", err)
 	} else {
 		st.close()

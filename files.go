@@ -1,0 +1,334 @@
+// Files in data_directory: the PRNG exchange file, the session database
+// with its -wal and -shm companions, and the lock that keeps one tlsmgr
+// per database.
+//
+// SECURITY: data_directory belongs to mail_owner, so whoever controls that
+// account can plant symbolic links, hard links or foreign files in it. As
+// Postfix's tlsmgr does (set_eugid), we open these files only while the
+// effective uid and gid are mail_owner's, so a planted link reaches nothing
+// that mail_owner could not reach anyway. We also never follow a symbolic
+// link (O_NOFOLLOW), check with fstat that what we opened is a regular file
+// of mail_owner's with one link, and set its mode through the descriptor.
+// Nothing here changes an owner or a mode by name.
+
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// setEUGID sets the effective uid and gid as Postfix's set_eugid does:
+// back to root first, then the group (and, as root, only that group),
+// then the user.
+func setEUGID(uid, gid int) error {
+	if os.Geteuid() != 0 {
+		if err := syscall.Seteuid(0); err != nil {
+			return fmt.Errorf("seteuid(0): %s", errText(err))
+		}
+	}
+	if err := syscall.Setegid(gid); err != nil {
+		return fmt.Errorf("setegid(%d): %s", gid, errText(err))
+	}
+	if os.Getuid() == 0 {
+		if err := syscall.Setgroups([]int{gid}); err != nil {
+			return fmt.Errorf("setgroups(1, &%d): %s", gid, errText(err))
+		}
+	}
+	if uid != 0 {
+		if err := syscall.Seteuid(uid); err != nil {
+			return fmt.Errorf("seteuid(%d): %s", uid, errText(err))
+		}
+	}
+	return nil
+}
+
+// asMailOwner runs open with the effective uid and gid of owner, then
+// becomes root again for chroot and the final privilege drop. Without an
+// owner (we are not root) it runs open as we are.
+func asMailOwner(owner *mailOwner, open func() error) error {
+	if owner == nil || os.Geteuid() != 0 {
+		return open()
+	}
+	if err := setEUGID(owner.uid, owner.gid); err != nil {
+		return err
+	}
+	err := open()
+	if rerr := setEUGID(0, 0); rerr != nil {
+		msg.fatal("%v", rerr) // nothing after this could work as intended
+	}
+	return err
+}
+
+// fileOwnerUID is the uid that every data file must belong to.
+func fileOwnerUID(owner *mailOwner) int {
+	if owner != nil && os.Geteuid() == 0 {
+		return owner.uid
+	}
+	return os.Geteuid()
+}
+
+// badFileError says why an existing data file was refused.
+type badFileError struct{ path, why string }
+
+func (e *badFileError) Error() string { return e.path + ": " + e.why }
+
+// checkDataFile says what is wrong with an open data file, or "". links
+// is 1, or 0 for an O_TMPFILE file that has no name yet.
+func checkDataFile(fd int, uid int, links uint64) string {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return "fstat: " + errText(err)
+	}
+	switch {
+	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+		return "it is not a regular file"
+	case int(st.Uid) != uid:
+		return fmt.Sprintf("it is owned by uid %d, not by mail_owner (uid %d)", st.Uid, uid)
+	case st.Nlink != links:
+		return fmt.Sprintf("it has %d hard links", st.Nlink)
+	}
+	if st.Mode&0o7777 != 0o600 {
+		if err := syscall.Fchmod(fd, 0o600); err != nil {
+			return "fchmod 0600: " + errText(err)
+		}
+	}
+	return ""
+}
+
+// openDataFile opens an existing data file for reading and writing. A
+// symbolic link, a file that is not regular, not mail_owner's or has more
+// than one link is a *badFileError; a missing file is os.ErrNotExist.
+func openDataFile(path string, uid int) (*os.File, error) {
+	// O_NONBLOCK: a FIFO or device planted under this name must not block us.
+	fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	switch {
+	case err == syscall.ELOOP:
+		return nil, &badFileError{path, "it is a symbolic link"}
+	case err == syscall.ENXIO || err == syscall.EISDIR:
+		return nil, &badFileError{path, "it is not a regular file"}
+	case err != nil:
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	if why := checkDataFile(fd, uid, 1); why != "" {
+		syscall.Close(fd)
+		return nil, &badFileError{path, why}
+	}
+	syscall.SetNonblock(fd, false)
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// oTmpfile is Linux's O_TMPFILE (__O_TMPFILE | O_DIRECTORY); package
+// syscall does not define it.
+const oTmpfile = 0o20000000 | syscall.O_DIRECTORY
+
+// createDataFile creates a new file with the given content. The name
+// appears only once the content is written (an unnamed O_TMPFILE, then
+// linkat), so a crash never leaves a half-written file; the name must not
+// exist, as with O_EXCL.
+func createDataFile(path string, uid int, content []byte) (*os.File, error) {
+	fd, err := syscall.Open(filepath.Dir(path), oTmpfile|syscall.O_RDWR|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		// File systems without O_TMPFILE: create the name at once.
+		if fd, err = syscall.Open(path, syscall.O_RDWR|syscall.O_CREAT|syscall.O_EXCL|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600); err != nil {
+			return nil, &os.PathError{Op: "create", Path: path, Err: err}
+		}
+		return finishDataFile(fd, path, uid, content, false)
+	}
+	return finishDataFile(fd, path, uid, content, true)
+}
+
+func finishDataFile(fd int, path string, uid int, content []byte, unnamed bool) (*os.File, error) {
+	f := os.NewFile(uintptr(fd), path)
+	fail := func(op string, err error) (*os.File, error) {
+		f.Close()
+		if !unnamed {
+			os.Remove(path)
+		}
+		return nil, &os.PathError{Op: op, Path: path, Err: err}
+	}
+	links := uint64(1)
+	if unnamed {
+		links = 0
+	}
+	if why := checkDataFile(fd, uid, links); why != "" {
+		return fail("create", errors.New(why))
+	}
+	if len(content) > 0 {
+		if _, err := f.WriteAt(content, 0); err != nil {
+			return fail("write", err)
+		}
+	}
+	if unnamed {
+		if err := linkAt(fd, path); err != nil {
+			return fail("link", err)
+		}
+	}
+	return f, nil
+}
+
+// linkAt gives an O_TMPFILE file its name, through /proc/self/fd because
+// linkat(AT_EMPTY_PATH) needs a capability that mail_owner lacks.
+func linkAt(fd int, path string) error {
+	const atFdcwd, atSymlinkFollow = -100, 0x400
+	from, err := syscall.BytePtrFromString("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return err
+	}
+	to, err := syscall.BytePtrFromString(path)
+	if err != nil {
+		return err
+	}
+	fdcwd := atFdcwd
+	_, _, errno := syscall.Syscall6(syscall.SYS_LINKAT, uintptr(fdcwd), uintptr(unsafe.Pointer(from)),
+		uintptr(fdcwd), uintptr(unsafe.Pointer(to)), atSymlinkFollow, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// openOrCreateDataFile opens a data file that is meant to persist (the
+// exchange file, the lock file), creating it with content() when it is
+// missing. One that fails the checks is refused with one warning naming
+// it and why, and replaced: removing a name in data_directory as
+// mail_owner cannot harm what a planted link points to.
+func openOrCreateDataFile(path, what string, uid int, content func() []byte) (*os.File, error) {
+	f, err := openDataFile(path, uid)
+	var bad *badFileError
+	switch {
+	case err == nil:
+		return f, nil
+	case errors.As(err, &bad):
+		msg.warn("refusing %s %s: %s; replacing it", what, path, bad.why)
+		if err := removeName(path); err != nil {
+			return nil, err
+		}
+	case !errors.Is(err, os.ErrNotExist):
+		return nil, err
+	}
+	return createDataFile(path, uid, content())
+}
+
+// removeName removes one name from data_directory; a missing name is fine.
+func removeName(path string) error {
+	if err := syscall.Unlink(path); err != nil && err != syscall.ENOENT {
+		return &os.PathError{Op: "remove", Path: path, Err: err}
+	}
+	return nil
+}
+
+// sameFile reports whether path names, without following a link, the
+// regular file of uid with one link that fd is open on.
+func sameFile(path string, fd int, uid int) error {
+	var byName, byFd syscall.Stat_t
+	if err := syscall.Lstat(path, &byName); err != nil {
+		return &os.PathError{Op: "lstat", Path: path, Err: err}
+	}
+	if err := syscall.Fstat(fd, &byFd); err != nil {
+		return &os.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	if byName.Dev != byFd.Dev || byName.Ino != byFd.Ino {
+		return &badFileError{path, "it was replaced while tlsmgr opened it"}
+	}
+	return checkCompanion(path, uid)
+}
+
+// checkCompanion checks, by name, a file that SQLite created itself.
+func checkCompanion(path string, uid int) error {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil {
+		if err == syscall.ENOENT {
+			return nil
+		}
+		return &os.PathError{Op: "lstat", Path: path, Err: err}
+	}
+	switch {
+	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+		return &badFileError{path, "it is not a regular file"}
+	case int(st.Uid) != uid:
+		return &badFileError{path, fmt.Sprintf("it is owned by uid %d, not by mail_owner (uid %d)", st.Uid, uid)}
+	case st.Nlink != 1:
+		return &badFileError{path, fmt.Sprintf("it has %d hard links", st.Nlink)}
+	case st.Mode&0o077 != 0:
+		return &badFileError{path, fmt.Sprintf("it has mode %04o, not 0600", st.Mode&0o7777)}
+	}
+	return nil
+}
+
+// errDatabaseInUse is returned when another tlsmgr holds the database lock.
+type errDatabaseInUse struct {
+	path string
+	pid  string
+}
+
+func (e *errDatabaseInUse) Error() string {
+	holder := "another tlsmgr"
+	if e.pid != "" {
+		holder += " (pid " + e.pid + ")"
+	}
+	return fmt.Sprintf("session cache database %s is in use by %s", e.path, holder)
+}
+
+// lockDatabase takes the exclusive lock that makes one tlsmgr per database,
+// waiting up to wait for a predecessor that is still shutting down (after
+// "postfix reload" master starts the new tlsmgr while the old one exits).
+// The lock is held until the file is closed or the process ends, however
+// it ends. The file records our pid for the message a second daemon logs.
+func lockDatabase(dbPath string, uid int, wait time.Duration) (*os.File, error) {
+	path := dbPath + ".lock"
+	f, err := openDataFile(path, uid)
+	var bad *badFileError
+	switch {
+	case err == nil:
+	case errors.As(err, &bad):
+		// Refuse it, but never replace a lock that a live tlsmgr holds.
+		if fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0); err == nil {
+			locked := syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB) == syscall.EWOULDBLOCK
+			syscall.Close(fd)
+			if locked {
+				return nil, &errDatabaseInUse{path: dbPath}
+			}
+		}
+		msg.warn("refusing lock file %s: %s; replacing it", path, bad.why)
+		if err := removeName(path); err != nil {
+			return nil, err
+		}
+		fallthrough
+	case errors.Is(err, os.ErrNotExist):
+		if f, err = createDataFile(path, uid, nil); err != nil {
+			return nil, fmt.Errorf("cannot create lock file %s: %s", path, errText(err))
+		}
+	default:
+		return nil, fmt.Errorf("cannot open lock file %s: %s", path, errText(err))
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if err != syscall.EWOULDBLOCK {
+			f.Close()
+			return nil, &os.PathError{Op: "lock", Path: path, Err: err}
+		}
+		if !time.Now().Before(deadline) {
+			var buf [32]byte
+			n, _ := f.ReadAt(buf[:], 0)
+			f.Close()
+			return nil, &errDatabaseInUse{path: dbPath, pid: strings.TrimSpace(string(buf[:n]))}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := f.Truncate(0); err == nil {
+		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return f, nil
+}
