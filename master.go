@@ -330,4 +330,3 @@ func watchdog(timeout time.Duration, check func()) {
 		}
 	}
 }
-
