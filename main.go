@@ -369,8 +369,8 @@ type daemon struct {
 // longer than we can take to let it go.
 const (
 	drainLimit     = 2 * time.Second // requests in flight take microseconds
-	exitLimit      = 5 * time.Second // a stuck lock must not keep us alive
-	masterLockWait = 10 * time.Second
+	exitLimit      = 3 * time.Second // a stuck lock must not keep us alive
+	masterLockWait = 5 * time.Second
 )
 
 // openDaemon is Postfix's pre-init: the pool, the entropy source (as

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -125,6 +127,7 @@ func startMaster(t *testing.T, dir, mainCF string, args ...string) *fakeMaster {
 	if err != nil {
 		t.Fatal(err)
 	}
+	syscall.SetNonblock(pair[0], true) // pollable, so that read deadlines work
 	ours, theirs := os.NewFile(uintptr(pair[0]), "status"), os.NewFile(uintptr(pair[1]), "child status")
 	m := &fakeMaster{t: t, dir: dir, status: ours, sock: sock, stderr: &lockedBuffer{}, exited: make(chan struct{})}
 	m.cmd = exec.Command(tlsmgrBinary(t), args...)
@@ -438,5 +441,296 @@ func TestStandaloneAndQuery(t *testing.T) {
 	cmd.Wait()
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("socket left behind after SIGTERM: %v", err)
+	}
+}
+
+// stop is master going away (or "postfix reload"): tlsmgr must exit 0.
+func (m *fakeMaster) stop() {
+	m.t.Helper()
+	m.status.Close()
+	if code := m.wait(10 * time.Second); code != 0 {
+		m.t.Errorf("exit %d after master went away; log:\n%s", code, m.log())
+	}
+}
+
+// statusRecords reads the status records that arrive within d.
+func (m *fakeMaster) statusRecords(d time.Duration) []uint32 {
+	var avail []uint32
+	deadline := time.Now().Add(d)
+	var rec [12]byte
+	for {
+		m.status.SetReadDeadline(deadline)
+		if _, err := io.ReadFull(m.status, rec[:]); err != nil {
+			return avail
+		}
+		avail = append(avail, binary.LittleEndian.Uint32(rec[8:]))
+	}
+}
+
+// everyRequestWorks checks each request type once, updates first.
+func everyRequestWorks(t *testing.T, c *client) {
+	t.Helper()
+	for _, tc := range []struct {
+		req    []string
+		prefix string
+	}{
+		{[]string{"request", "seed", "size", "32"}, "status=0 seed="},
+		{[]string{"request", "policy", "cache_type", "smtp"}, "status=0 cachable=1 timeout=3600"},
+		{[]string{"request", "update", "cache_type", "smtp", "cache_id", "every", "session", b64("request")}, "status=0"},
+		{[]string{"request", "lookup", "cache_type", "smtp", "cache_id", "every"}, "status=0 session=" + b64("request")},
+		{[]string{"request", "delete", "cache_type", "smtp", "cache_id", "every"}, "status=0"},
+		{[]string{"request", "lookup", "cache_type", "smtp", "cache_id", "every"}, "status=4294967295 session="},
+		{[]string{"request", "tktkey", "keyname", ""}, "status=0 keybuf="},
+	} {
+		if got := c.req(tc.req...); !strings.HasPrefix(got, tc.prefix) {
+			t.Errorf("%s: %.80s, want %s", strings.Join(tc.req[1:], " "), got, tc.prefix)
+		}
+	}
+}
+
+// A client that sends requests and never reads the replies loses its
+// connection after ipc_timeout, the others are served meanwhile, and
+// master sees the process available again.
+func TestClientThatNeverReadsIsDropped(t *testing.T) {
+	dir := t.TempDir()
+	m := startMaster(t, dir, mainCFFor(dir)+"ipc_timeout = 2s\n", "-l", "-t", "unix", "-d", "-V")
+	c := m.dial()
+	big := b64(strings.Repeat("s", 500000))
+	if got := c.req("request", "update", "cache_type", "smtp", "cache_id", "big", "session", big); got != "status=0" {
+		t.Fatalf("update: %.40s", got)
+	}
+	slow := m.dial()
+	lookup := []byte("request\x00lookup\x00cache_type\x00smtp\x00cache_id\x00big\x00\x00")
+	go func() {
+		for range 100 {
+			slow.conn.SetWriteDeadline(time.Now().Add(20 * time.Second))
+			if _, err := slow.conn.Write(lookup); err != nil {
+				return
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond) // the server is now blocked writing to slow
+	start := time.Now()
+	if got := c.req("request", "policy", "cache_type", "smtpd"); got != "status=0 cachable=1 timeout=3600" {
+		t.Errorf("another client while one does not read: %s", got)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("another client waited %v", d)
+	}
+	records := m.statusRecords(5 * time.Second) // the drop comes after 2 s
+	if len(records) == 0 || records[len(records)-1] != 1 {
+		t.Errorf("status records %v: master does not see the process available again", records)
+	}
+	// The server closed it: what it had sent, then end of file, or a reset
+	// because our unread requests were still in its buffer.
+	slow.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, slow.conn); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the connection that never read was not closed: %v", err)
+	}
+	if want := "warning: timeout on tlsmgr socket while writing a reply"; !strings.Contains(m.log(), want) {
+		t.Errorf("log lacks %q:\n%s", want, m.log())
+	}
+}
+
+// master counts a process as having served only when it goes from taken
+// to available: one busy since it started must still say "available"
+// once, or a crash costs a minute of throttling.
+func TestBusySinceStartTellsMasterItServed(t *testing.T) {
+	dir := t.TempDir()
+	m := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d")
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := m.dial()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					c.req("request", "seed", "size", "32")
+				}
+			}
+		}()
+	}
+	records := m.statusRecords(2 * time.Second)
+	close(stop)
+	wg.Wait()
+	if len(records) < 2 || records[0] != 0 || records[1] != 1 {
+		t.Errorf("status records under constant load: %v; want taken, available, ...", records)
+	}
+	if len(records) > 10 {
+		t.Errorf("%d status records in 2 s of load: master is woken too often", len(records))
+	}
+}
+
+// Links planted in data_directory, to a root-owned file and dangling,
+// change nothing outside it; tlsmgr replaces them with its own files.
+func TestPlantedLinksUnderMaster(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("planting links for a daemon that drops privileges needs root; CI runs this as root")
+	}
+	dir := t.TempDir()
+	makeInstanceDirs(t, dir)
+	outside := filepath.Join(dir, "outside") // root's, 0755: mail_owner may not create here
+	os.Mkdir(outside, 0755)
+	data := filepath.Join(dir, "data")
+	targets := map[string]string{}
+	for _, name := range []string{"prng_exch", "tlsmgr.sqlite-wal", "tlsmgr.sqlite-shm", "tlsmgr.sqlite.lock"} {
+		target := filepath.Join(outside, name)
+		os.WriteFile(target, []byte("root's file "+name), 0644)
+		targets[name] = target
+	}
+	targets["tlsmgr.sqlite"] = filepath.Join(outside, "created-by-tlsmgr") // dangling
+	before := map[string]fileState{}
+	for name, target := range targets {
+		if err := os.Symlink(target, filepath.Join(data, name)); err != nil {
+			t.Fatal(err)
+		}
+		before[name] = stateOf(t, target)
+	}
+	m := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "-V", "-u")
+	everyRequestWorks(t, m.dial())
+	m.stop()
+	for name, target := range targets {
+		if after := stateOf(t, target); after != before[name] {
+			t.Errorf("%s -> %s changed: %+v, was %+v", name, target, after, before[name])
+		}
+	}
+	uid, _ := nobody(t)
+	for _, name := range []string{"prng_exch", "tlsmgr.sqlite", "tlsmgr.sqlite.lock"} {
+		fi, err := os.Lstat(filepath.Join(data, name))
+		if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() != 0600 || fi.Sys().(*syscall.Stat_t).Uid != uint32(uid) {
+			t.Errorf("%s: %v, %v; want a regular 0600 file of mail_owner", name, fi.Mode(), err)
+		}
+	}
+	for _, want := range []string{"warning: refusing PRNG exchange file " + data + "/prng_exch: it is a symbolic link; replacing it",
+		"warning: refusing lock file " + data + "/tlsmgr.sqlite.lock: it is a symbolic link; replacing it"} {
+		if !strings.Contains(m.log(), want) {
+			t.Errorf("log lacks %q:\n%s", want, m.log())
+		}
+	}
+}
+
+// A database damaged while tlsmgr was down never stops the next start.
+func TestDamagedDatabaseRestart(t *testing.T) {
+	for _, tc := range damageKinds {
+		if tc.name == "a directory" {
+			continue // cannot be removed: TestDamagedDatabaseAtStart covers it
+		}
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			m := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "-V")
+			everyRequestWorks(t, m.dial())
+			m.stop()
+			tc.damage(t, filepath.Join(dir, "data", "tlsmgr.sqlite"))
+			m = startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "-V")
+			everyRequestWorks(t, m.dial())
+			if strings.Contains(m.log(), "warning") {
+				t.Errorf("warnings after a restart on a damaged database:\n%s", m.log())
+			}
+		})
+	}
+}
+
+// A second tlsmgr on the same database refuses it and touches nothing:
+// standalone it exits non-zero with one line; under master it runs
+// without caching, because seeds and ticket keys must keep flowing.
+func TestSecondDaemonOnOneDatabase(t *testing.T) {
+	dir := t.TempDir()
+	first := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d", "-V")
+	c := first.dial()
+	if got := c.req("request", "update", "cache_type", "smtp", "cache_id", "kept", "session", b64("by the first")); got != "status=0" {
+		t.Fatalf("update: %s", got)
+	}
+	db := filepath.Join(dir, "data", "tlsmgr.sqlite")
+	before := stateOf(t, db)
+
+	cmd := exec.Command(tlsmgrBinary(t), "-listen", filepath.Join(dir, "second.sock"), "-mailconfig", dir, "-data", filepath.Join(dir, "data"))
+	out, err := cmd.CombinedOutput()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	want := "fatal: session cache database " + db + " is in use by another tlsmgr (pid " + strconv.Itoa(first.cmd.Process.Pid) + "); not starting"
+	if err == nil || cmd.ProcessState.ExitCode() != 1 || len(lines) != 1 || !strings.HasSuffix(lines[0], want) {
+		t.Errorf("standalone second daemon: %v\n%s\nwant one line ending %q", err, out, want)
+	}
+
+	dir2 := t.TempDir()
+	cf2 := strings.Replace(mainCFFor(dir2), "data_directory = "+dir2+"/data", "data_directory = "+dir+"/data", 1)
+	second := startMaster(t, dir2, cf2, "-l", "-t", "unix", "-d", "-V")
+	c2 := second.dial() // after its wait for the lock
+	if got := c2.req("request", "policy", "cache_type", "smtp"); got != "status=0 cachable=0 timeout=3600" {
+		t.Errorf("policy of the second daemon under master: %s", got)
+	}
+	if got := c2.req("request", "seed", "size", "32"); !strings.HasPrefix(got, "status=0 seed=") {
+		t.Errorf("seed from the second daemon: %s", got)
+	}
+	if !strings.Contains(second.log(), "is in use by another tlsmgr (pid "+strconv.Itoa(first.cmd.Process.Pid)+"); session caching is off in this process") {
+		t.Errorf("second daemon's log:\n%s", second.log())
+	}
+	if after := stateOf(t, db); after != before {
+		t.Error("a second daemon changed the first one's database")
+	}
+	if got := c.req("request", "lookup", "cache_type", "smtp", "cache_id", "kept"); got != "status=0 session="+b64("by the first") {
+		t.Errorf("the first daemon lost its entry: %s", got)
+	}
+}
+
+// On a full file system seeds, ticket keys and lookups keep working, the
+// log gets a bounded number of lines, and a restart on it succeeds.
+func TestFullDiskUnderMaster(t *testing.T) {
+	dir := t.TempDir()
+	makeInstanceDirs(t, dir)
+	data := mountTmpfs(t, "4m")
+	uid, gid := nobody(t)
+	os.Chown(data, uid, gid)
+	cf := strings.Replace(mainCFFor(dir), "data_directory = "+dir+"/data", "data_directory = "+data, 1) +
+		"tls_random_prng_update_period = 1s\n"
+	m := startMaster(t, dir, cf, "-l", "-t", "unix", "-d", "-V", "-u")
+	c := m.dial()
+	if got := c.req("request", "update", "cache_type", "smtp", "cache_id", "before", "session", b64("stored")); got != "status=0" {
+		t.Fatalf("update before the disk filled: %s", got)
+	}
+	fillDisk(t, filepath.Join(data, "filler"))
+	session := b64(strings.Repeat("x", 2000))
+	for i := range 2000 {
+		c.req("request", "update", "cache_type", "smtp", "cache_id", fmt.Sprintf("id%d", i), "session", session)
+	}
+	for range 3 { // seconds: exchange file updates on the full disk too
+		everyRequestKeepsWorkingOnAFullDisk(t, c)
+		time.Sleep(time.Second)
+	}
+	if n := strings.Count(m.log(), "\n"); n > 3 {
+		t.Errorf("%d log lines on a full disk:\n%s", n, m.log())
+	}
+	m.stop()
+
+	m = startMaster(t, dir, cf, "-l", "-t", "unix", "-d", "-V", "-u") // still full
+	c = m.dial()
+	for _, req := range [][]string{{"request", "seed", "size", "32"}, {"request", "tktkey", "keyname", ""}} {
+		if got := c.req(req...); !strings.HasPrefix(got, "status=0 ") {
+			t.Errorf("%s after a restart on a full disk: %s", req[1], got)
+		}
+	}
+	if st, err := os.Stat(filepath.Join(data, "prng_exch")); err != nil || st.Size() != 1024 {
+		t.Errorf("exchange file after a restart on a full disk: %v", err)
+	}
+}
+
+func everyRequestKeepsWorkingOnAFullDisk(t *testing.T, c *client) {
+	t.Helper()
+	for _, tc := range []struct {
+		req    []string
+		prefix string
+	}{
+		{[]string{"request", "seed", "size", "32"}, "status=0 seed="},
+		{[]string{"request", "tktkey", "keyname", ""}, "status=0 keybuf="},
+		{[]string{"request", "lookup", "cache_type", "smtp", "cache_id", "before"}, "status=0 session=" + b64("stored")},
+		{[]string{"request", "update", "cache_type", "smtp", "cache_id", "full", "session", b64("x")}, "status=4294967295"},
+	} {
+		if got := c.req(tc.req...); !strings.HasPrefix(got, tc.prefix) {
+			t.Errorf("%s on a full disk: %.60s, want %s", tc.req[1], got, tc.prefix)
+		}
 	}
 }

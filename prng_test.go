@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // drbgVector is one NIST CAVP Hash_DRBG SHA-256 record: instantiate,
@@ -431,4 +432,42 @@ var literalDRBGVectors = []drbgVector{
 		additional:       [2]string{"dcb22a5d9f149858636f3ede2253e419816fb7b1103194451ed6a573a8fe6271", "8f9d5c78cdabc32e71ac3b3c49239caddf96053250f4fd92056efbd0be487d36"},
 		returned:         "6e98a3b1f686f6ffa79355c9d8a5ab7f93312159d52659a2298315f10007c71adabc0b5ccb4164c0949fbdb221b43acdb62bed3099596f2d7bd5d0048173dd2360a543b234ab61a441ddb9299af84ca45c6e618fd521366dbf509d4ec06174da924361d642b107e5564ac1b32340dd2f3158bf4c00bcb4dcf12c6d67af4b74ee",
 	},
+}
+
+// A wiped pool refuses to generate, cannot be reseeded back to life, and
+// its refusal reaches clients as a failure, never as predictable bytes.
+func TestWipedPoolRefuses(t *testing.T) {
+	p, err := newPool()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := newTicketKeys(3600, p)
+	p.wipe()
+	out := bytes.Repeat([]byte{0xAA}, 32)
+	if err := p.read(out); err == nil {
+		t.Fatalf("a wiped pool generated %x", out)
+	}
+	if err := p.mix([]byte("fresh entropy")); err == nil {
+		t.Error("a wiped pool accepted a reseed")
+	}
+	if err := p.read(out); err == nil {
+		t.Error("a wiped pool generated after a reseed")
+	}
+	var never hashDRBG
+	if err := never.generate(out, nil); err == nil {
+		t.Error("an uninstantiated DRBG generated")
+	}
+	if d := p.randomDelay(60); d != 60*time.Second {
+		t.Errorf("timer delay from a wiped pool: %v, want the whole period", d)
+	}
+	srv := &server{pool: p, keys: keys, streamName: "tlsmgr socket"}
+	captureLog(t)
+	for req, want := range map[string]string{
+		"request\x00seed\x00size\x0032\x00\x00":    "status\x004294967295\x00seed\x00\x00\x00",
+		"request\x00tktkey\x00keyname\x00\x00\x00": "status\x004294967295\x00keybuf\x00\x00\x00",
+	} {
+		if got := answer(t, srv, req); got != want {
+			t.Errorf("%q from a wiped pool: %q, want %q", req, got, want)
+		}
+	}
 }

@@ -25,6 +25,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -57,7 +58,7 @@ type cache struct {
 	logCache bool   // the "cache" bit of *_tls_loglevel
 	offline  bool   // the database could not be opened: no caching in this process
 
-	lookupStmt, expireStmt, updateStmt, deleteStmt, sweepStmt *sql.Stmt
+	lookupStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, existsStmt *sql.Stmt
 }
 
 // configured is what main.cf asks for; enabled is what this process does.
@@ -85,7 +86,21 @@ type store struct {
 	sweepBatch int
 	now        func() time.Time
 	closed     bool
+
+	// hidden holds entries whose delete or replacement could not be
+	// written (a full disk, a read-only file): lookups miss them until
+	// the row is really gone, so a failed write never brings back a
+	// session that a client replaced or deleted.
+	hiddenMu    sync.Mutex
+	hidden      map[hiddenEntry]struct{}
+	hiddenCount atomic.Int64 // len(hidden), for the lookup path without the lock
 }
+
+// hiddenEntry names one hidden row.
+type hiddenEntry struct{ cache, id string }
+
+// maxHidden bounds the hidden entries; past it a failed write is only logged.
+const maxHidden = 10000
 
 // cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
@@ -256,6 +271,7 @@ func (s *store) prepare(c *cache) error {
 			" ON CONFLICT (id) DO UPDATE SET session = excluded.session, stored = excluded.stored, expires = excluded.expires"},
 		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE id = ?"},
 		{&c.sweepStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?)"},
+		{&c.existsStmt, s.reader, "SELECT 1 FROM " + t + " WHERE id = ?"},
 	} {
 		if *p.stmt, err = p.db.Prepare(p.sql); err != nil {
 			return fmt.Errorf("session cache database %s: prepare %q: %v", s.path, p.sql, err)
@@ -308,6 +324,9 @@ func (s *store) lookup(c *cache, id string) ([]byte, int) {
 	if c.logCache {
 		msg.info("lookup %s session id=%s", c.label, id)
 	}
+	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
+		return nil, statErr
+	}
 	var session []byte
 	var expires int64
 	err := c.lookupStmt.QueryRow(id).Scan(&session, &expires)
@@ -341,10 +360,15 @@ func (s *store) update(c *cache, id string, session []byte) int {
 	}
 	if _, err := c.updateStmt.Exec(id, session, now, now+c.timeout); err != nil {
 		s.writeFailed(c, "store", id, err)
+		s.hide(c, id)  // the session it replaces must not come back
 		return statErr // clients treat it as "not cached"
 	}
 	if c.logCache {
 		msg.info("write %s TLS cache entry %s: time=%d [data %d bytes]", c.label, id, now, len(session))
+	}
+	if s.hiddenCount.Load() > 0 {
+		s.unhide(c, id)
+		s.flushHidden()
 	}
 	return statOK
 }
@@ -353,15 +377,76 @@ func (s *store) remove(c *cache, id string) int {
 	if c.logCache {
 		msg.info("delete %s session id=%s", c.label, id)
 	}
+	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
+		return statErr // already deleted, as far as clients can tell
+	}
 	res, err := c.deleteStmt.Exec(id)
 	if err != nil {
 		s.writeFailed(c, "delete", id, err)
+		if s.hide(c, id) {
+			return statOK // gone for every lookup; the row goes when it can
+		}
 		return statErr
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return statErr
 	}
+	if s.hiddenCount.Load() > 0 {
+		s.flushHidden()
+	}
 	return statOK
+}
+
+// hide makes lookups miss an existing row whose delete or replacement
+// failed. It reports whether the row existed and is now hidden.
+func (s *store) hide(c *cache, id string) bool {
+	if err := c.existsStmt.QueryRow(id).Scan(new(int)); err != nil {
+		return false // no such row: nothing to hide
+	}
+	s.hiddenMu.Lock()
+	defer s.hiddenMu.Unlock()
+	if len(s.hidden) >= maxHidden {
+		return false
+	}
+	if s.hidden == nil {
+		s.hidden = map[hiddenEntry]struct{}{}
+	}
+	s.hidden[hiddenEntry{c.label, id}] = struct{}{}
+	s.hiddenCount.Store(int64(len(s.hidden)))
+	return true
+}
+
+func (s *store) isHidden(c *cache, id string) bool {
+	s.hiddenMu.Lock()
+	defer s.hiddenMu.Unlock()
+	_, hidden := s.hidden[hiddenEntry{c.label, id}]
+	return hidden
+}
+
+func (s *store) unhide(c *cache, id string) {
+	s.hiddenMu.Lock()
+	defer s.hiddenMu.Unlock()
+	delete(s.hidden, hiddenEntry{c.label, id})
+	s.hiddenCount.Store(int64(len(s.hidden)))
+}
+
+// flushHidden deletes hidden rows now that writes work again, a few at a
+// time so that no request waits long for it.
+func (s *store) flushHidden() {
+	s.hiddenMu.Lock()
+	var batch []hiddenEntry
+	for e := range s.hidden {
+		if batch = append(batch, e); len(batch) == 100 {
+			break
+		}
+	}
+	s.hiddenMu.Unlock()
+	for _, e := range batch {
+		if _, err := s.caches[e.cache].deleteStmt.Exec(e.id); err != nil {
+			return // still failing: the next successful write tries again
+		}
+		s.unhide(s.caches[e.cache], e.id)
+	}
 }
 
 // sweepExpired deletes every expired entry of one cache, a batch per
@@ -427,6 +512,9 @@ func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
 			msg.warnLimited("cache write", "%s TLS cache: cleanup: %v", c.label, err)
 		} else {
 			msg.debug("%s TLS cache: cleanup removed %d entries", c.label, n)
+		}
+		if s.hiddenCount.Load() > 0 {
+			s.flushHidden()
 		}
 		if n > 0 {
 			if err := s.shrink(); err != nil {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -34,6 +35,12 @@ func allCaches(timeout int64) []cacheConfig {
 
 func startServer(t testing.TB, caches []cacheConfig) *testServer {
 	t.Helper()
+	return startServerWith(t, caches, nil)
+}
+
+// startServerWith lets a test change the server before it serves.
+func startServerWith(t testing.TB, caches []cacheConfig, configure func(*server)) *testServer {
+	t.Helper()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "tlsmgr.sqlite")
 	st, err := openStore(db, caches, 500)
@@ -43,6 +50,9 @@ func startServer(t testing.TB, caches []cacheConfig) *testServer {
 	p, _ := newPool()
 	srv := &server{store: st, pool: p, keys: newTicketKeys(st.caches["smtpd"].timeout, p),
 		ipcTimeout: 5 * time.Second, streamName: "tlsmgr socket", maxConns: 64}
+	if configure != nil {
+		configure(srv)
+	}
 	sock := filepath.Join(dir, "tlsmgr.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
@@ -270,11 +280,17 @@ func TestExpiry(t *testing.T) {
 	s.srv.store.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
 	for _, id := range []string{"a", "b", "c"} {
-		c.req("request", "update", "cache_type", "smtpd", "cache_id", id, "session", b64("s-"+id))
+		if got := c.req("request", "update", "cache_type", "smtpd", "cache_id", id, "session", b64("s-"+id)); got != "status=0" {
+			t.Fatalf("update %s: %s", id, got)
+		}
 	}
 	advance(120 * time.Second) // stored + timeout == now: still fresh
 	if got := c.req("request", "lookup", "cache_type", "smtpd", "cache_id", "a"); got != "status=0 session="+b64("s-a") {
 		t.Errorf("entry at exactly its timeout: %s", got)
+	}
+	// The sweep follows the lookup rule: at that same second it removes nothing.
+	if removed, err := s.srv.store.sweepExpired(s.srv.store.caches["smtpd"], nil); removed != 0 || err != nil {
+		t.Errorf("sweep at exactly the timeout removed %d (%v)", removed, err)
 	}
 	advance(time.Second)
 	if got := c.req("request", "lookup", "cache_type", "smtpd", "cache_id", "a"); got != "status=4294967295 session=" {
@@ -302,7 +318,12 @@ func TestStoreRestartAndDuplicates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st.update(st.caches["smtp"], "x", []byte("y"))
+	if status := st.update(st.caches["smtp"], "x", []byte("y")); status != statOK {
+		t.Fatalf("update before the restart: %d", status)
+	}
+	if _, status := st.lookup(st.caches["smtp"], "x"); status != statOK {
+		t.Fatalf("lookup before the restart: %d", status)
+	}
 	for _, f := range []string{db, db + "-wal", db + "-shm"} {
 		if fi, err := os.Stat(f); err != nil || fi.Mode().Perm() != 0600 {
 			t.Errorf("%s: %v, want mode 0600", f, err)
@@ -380,32 +401,42 @@ func TestTicketKeys(t *testing.T) {
 	if tout := int64(binary.LittleEndian.Uint64(a[80:])); tout != t0.Unix()+59 {
 		t.Errorf("tout = now%+d, want now+59", tout-t0.Unix())
 	}
-	at(58) // at tout itself (t0+59) Postfix already makes a new key
+	at(58) // one second before tout: still issuing
 	if b := current(); !bytes.Equal(a, b) {
 		t.Error("key changed within its issuing window")
 	}
-	at(60)
+	at(59) // at tout itself Postfix makes a new key (timecmp(tout, now) <= 0)
 	b := current()
 	if bytes.Equal(a[:16], b[:16]) {
-		t.Fatal("no new key after H")
+		t.Fatal("no new key at tout")
+	}
+	if tout := int64(binary.LittleEndian.Uint64(b[80:])); tout != t0.Unix()+59+59 {
+		t.Errorf("second key's tout = t0%+d, want t0+118", tout-t0.Unix())
 	}
 	if got := byName(a[:16]); got != "status=0 keybuf="+base64.StdEncoding.EncodeToString(a) {
-		t.Errorf("previous key by name at t0+60: %s", got)
+		t.Errorf("previous key by name at t0+59: %s", got)
 	}
-	at(120)
-	cKey := current() // second rotation: A is gone
+	at(118) // A decrypts while tout + H > now: t0+59+60 > t0+118
+	if got := byName(a[:16]); !strings.HasPrefix(got, "status=0 ") {
+		t.Errorf("A one second before its decrypt limit: %s", got)
+	}
+	cKey := current() // B's tout: second rotation, A is gone
+	if bytes.Equal(cKey[:16], b[:16]) {
+		t.Fatal("no new key at B's tout")
+	}
 	if got := byName(a[:16]); got != "status=4294967295 keybuf="+base64.StdEncoding.EncodeToString(a[:16]) {
 		t.Errorf("oldest key after two rotations: %s (want -1 with the name echoed)", got)
-	}
-	if got := byName(b[:16]); !strings.HasPrefix(got, "status=0 ") {
-		t.Errorf("previous key B: %s", got)
 	}
 	if got := byName(cKey[:16]); !strings.HasPrefix(got, "status=0 ") {
 		t.Errorf("current key C: %s", got)
 	}
-	at(179) // B's tout (t0+119) + H = t0+179: no longer decrypts
-	if got := byName(b[:16]); !strings.HasPrefix(got, "status=4294967295 ") {
-		t.Errorf("B at its decrypt limit: %s", got)
+	at(177) // B: tout t0+118, + H = t0+178
+	if got := byName(b[:16]); !strings.HasPrefix(got, "status=0 ") {
+		t.Errorf("B one second before its decrypt limit: %s", got)
+	}
+	at(178)
+	if got := byName(b[:16]); got != "status=4294967295 keybuf="+base64.StdEncoding.EncodeToString(b[:16]) {
+		t.Errorf("B at exactly its decrypt limit: %s", got)
 	}
 	logged := captureLog(t)
 	if got := c.req("request", "tktkey", "keyname", b64("abc")); got != "status=4294967294 keybuf=" {
@@ -559,4 +590,143 @@ func TestBase64LikePostfix(t *testing.T) {
 			t.Errorf("decodeBase64(%q) = %q, %v; want %q, %v", tc.in, got, ok, tc.want, tc.ok)
 		}
 	}
+}
+
+// At the connection limit the longest-idle client is closed to make room,
+// never the new one, and the warning is not repeated for every client.
+func TestConnectionLimitClosesLongestIdle(t *testing.T) {
+	s := startServerWith(t, allCaches(3600), func(srv *server) { srv.maxConns = 3 })
+	logged := captureLog(t)
+	var idle []*client
+	for range 3 {
+		c := dial(t, s.sock)
+		c.req("request", "policy", "cache_type", "smtp") // registered and answered
+		idle = append(idle, c)
+		time.Sleep(20 * time.Millisecond) // distinct idle times: idle[0] is the oldest
+	}
+	for i := range 10 {
+		c := dial(t, s.sock)
+		if got := c.req("request", "policy", "cache_type", "smtpd"); got != "status=0 cachable=1 timeout=3600" {
+			t.Fatalf("new client %d at the limit: %s", i, got)
+		}
+		c.conn.Close()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !idle[0].closed() {
+		t.Error("the longest-idle client was not closed")
+	}
+	if n := strings.Count(logged(), "tlsmgr_max_connections"); n != 1 {
+		t.Errorf("%d warnings about the limit, want 1:\n%s", n, logged())
+	}
+	if want := "warning: tlsmgr socket: 3 connections, the tlsmgr_max_connections limit: closed the one idle for"; !strings.Contains(logged(), want) {
+		t.Errorf("log %q, want %q", logged(), want)
+	}
+}
+
+// An orderly exit stops accepting, answers the request in flight, and
+// only then returns (the caller then saves the exchange file and wipes).
+func TestDrainAnswersRequestsInFlight(t *testing.T) {
+	s := startServer(t, allCaches(3600))
+	c := dial(t, s.sock)
+	inHandler, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	s.srv.store.now = func() time.Time { // called inside the update handler
+		once.Do(func() { close(inHandler); <-release })
+		return time.Now()
+	}
+	reply := make(chan string, 1)
+	go func() {
+		reply <- c.req("request", "update", "cache_type", "smtp", "cache_id", "x", "session", b64("y"))
+	}()
+	<-inHandler
+	drained := make(chan struct{})
+	go func() { s.srv.drain(5 * time.Second); close(drained) }()
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case <-drained:
+		t.Fatal("drain returned while a request was in flight")
+	default:
+	}
+	if conn, err := net.Dial("unix", s.sock); err == nil {
+		conn.SetReadDeadline(time.Now().Add(time.Second))
+		if n, _ := conn.Read(make([]byte, 64)); n > 0 {
+			t.Error("a new connection was served during the exit")
+		}
+		conn.Close()
+	}
+	close(release)
+	if got := <-reply; got != "status=0" {
+		t.Errorf("the request in flight got %q", got)
+	}
+	select {
+	case <-drained:
+	case <-time.After(5 * time.Second):
+		t.Fatal("drain did not return after the request was answered")
+	}
+}
+
+// Rotation and lookups at once: every key handed out is a consistent copy
+// (run with -race; .ci/run does).
+func TestTicketKeysConcurrentRotation(t *testing.T) {
+	p, _ := newPool()
+	keys := newTicketKeys(120, p) // H = 60
+	var clock atomic.Int64
+	clock.Store(1_800_000_000)
+	keys.now = func() time.Time { return time.Unix(clock.Load(), 0) }
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	names := make(chan []byte, 64)
+	wg.Add(1)
+	go func() { // the clock runs fast: a rotation every few calls
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				clock.Add(7)
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+	}()
+	for range 4 {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			for range 2000 {
+				k, err := keys.issue()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				buf := k.marshal()
+				if k.tout == 0 || bytes.Equal(buf[:16], make([]byte, 16)) {
+					t.Errorf("issued a wiped key: %x", buf)
+					return
+				}
+				select {
+				case names <- append([]byte(nil), k.name[:]...):
+				default:
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			for range 2000 {
+				select {
+				case name := <-names:
+					if k, found := keys.find(name); found {
+						if buf := k.marshal(); !bytes.Equal(buf[:16], name) {
+							t.Errorf("find %x returned key %x", name, buf[:16])
+							return
+						}
+					}
+				default:
+				}
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
 }
