@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -272,6 +273,7 @@ func (p *postfixInstance) resume(port int, args ...string) (client, server strin
 func TestEndToEndWithPostfix(t *testing.T) {
 	requirePostfix(t)
 	p := newPostfix(t)
+	planted := p.plantLinks() // whoever controls the postfix account did this
 	p.postfix("start")
 	if p.waitLog(0, `daemon started`, 10*time.Second) == "" {
 		t.Fatalf("postfix did not start:\n%s", p.logText())
@@ -294,15 +296,41 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		t.Fatalf("tlsmgr processes: %v", pids)
 	}
 	firstPID := pids[0]
-	t.Run("tlsmgr is chrooted and runs as postfix", func(t *testing.T) {
+	t.Run("tlsmgr is chrooted and runs as postfix, with postfix's groups only", func(t *testing.T) {
 		root, _ := os.Readlink("/proc/" + firstPID + "/root")
 		status, _ := os.ReadFile("/proc/" + firstPID + "/status")
-		uid := regexp.MustCompile(`(?m)^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)`).FindStringSubmatch(string(status))
-		out, _ := run(t, time.Minute, "id", "-u", "postfix")
-		want := strings.TrimSpace(out)
-		if root != p.spool || uid == nil || uid[1] != want || uid[2] != want || uid[3] != want {
-			t.Errorf("root %s (want %s), Uid %v (want %s)", root, p.spool, uid, want)
+		field := func(name string) string {
+			m := regexp.MustCompile(`(?m)^` + name + `:\s*(.*)$`).FindStringSubmatch(string(status))
+			if m == nil {
+				return ""
+			}
+			return strings.Join(strings.Fields(m[1]), " ")
 		}
+		id := func(flag string) string {
+			out, _ := run(t, time.Minute, "id", flag, "postfix")
+			return strings.TrimSpace(out)
+		}
+		uid, gid := id("-u"), id("-g")
+		if root != p.spool {
+			t.Errorf("root %s, want %s", root, p.spool)
+		}
+		if got, want := field("Uid"), strings.Repeat(uid+" ", 4); got != strings.TrimSpace(want) {
+			t.Errorf("Uid: %s, want real, effective, saved and fs uid %s", got, uid)
+		}
+		if got, want := field("Gid"), strings.Repeat(gid+" ", 4); got != strings.TrimSpace(want) {
+			t.Errorf("Gid: %s, want real, effective, saved and fs gid %s", got, gid)
+		}
+		// initgroups(mail_owner): exactly postfix's groups, none of root's.
+		groups := strings.Fields(field("Groups"))
+		wantGroups := strings.Fields(id("-G"))
+		slices.Sort(groups)
+		slices.Sort(wantGroups)
+		if !slices.Equal(groups, wantGroups) {
+			t.Errorf("supplementary groups %v, want postfix's %v", groups, wantGroups)
+		}
+	})
+	t.Run("links planted in data_directory changed nothing outside it", func(t *testing.T) {
+		planted.check(t, p)
 	})
 
 	resumption := []struct {
@@ -373,6 +401,10 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		}
 	})
 
+	t.Run("a second tlsmgr on the same database refuses and touches nothing", func(t *testing.T) {
+		p.secondDaemonRefuses(t)
+	})
+
 	t.Run("no fatal errors and no abnormal exits", func(t *testing.T) {
 		text := p.logText()
 		if m := regexp.MustCompile(`(?m)^.*tlsmgr\[\d+\]: (fatal|panic): .*$`).FindString(text); m != "" {
@@ -383,6 +415,12 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		}
 	})
 
+	t.Run("kill -9 of a tlsmgr busy since it started: restarted at once, not throttled", func(t *testing.T) {
+		p.killBusySinceStart(t)
+	})
+	t.Run("20 x kill -9 under update-heavy load: service returns, database and exchange file intact", func(t *testing.T) {
+		p.killLoop(t, 20)
+	})
 	t.Run("postfix stop: no tlsmgr process is left", func(t *testing.T) {
 		before := p.tlsmgrPIDs()
 		p.postfix("stop")
@@ -393,6 +431,15 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		if left := p.tlsmgrPIDs(); len(left) > 0 {
 			t.Errorf("tlsmgr still running after postfix stop: %v (before: %v)", left, before)
 		}
+		// Checkpointed and truncated at exit: in the chroot SQLite cannot
+		// remove the -wal by name, but nothing is left in it.
+		if n := fileSize(p.data + "/tlsmgr.sqlite-wal"); n != 0 {
+			t.Errorf("tlsmgr.sqlite-wal is %d bytes after postfix stop", n)
+		}
+	})
+
+	t.Run("a bad tlsmgr.toml is a fatal line in the maillog_file log", func(t *testing.T) {
+		p.badTOMLIsLogged(t)
 	})
 }
 
