@@ -3,7 +3,10 @@
 // and the daemon_timeout watchdog (postfix-tlsmgr.md §6).
 //
 // SECURITY: master(8) is trusted; it runs us as root with -u and -c, and
-// everything that needs a path is opened before chroot() and setuid().
+// everything that needs a path is opened before chroot() and setuid(),
+// files in data_directory as mail_owner (files.go). The status channel
+// tells master that a process has served as soon as it has, so that a
+// crash under load is not throttled like a broken command.
 
 package main
 
