@@ -99,3 +99,20 @@ func TestCacheLogLines(t *testing.T) {
 		t.Error("unknown keyword accepted")
 	}
 }
+
+// The postlog record carries the short host name, as Postfix's does, also
+// when master(8) passes the full one in $POSTLOG_HOSTNAME; MAIL_LOGTAG
+// replaces syslog_name in the tag.
+func TestLogSetupFromConfig(t *testing.T) {
+	cfg := newConfig()
+	cfg.mainCF["myhostname"] = "mx1.example.org"
+	cfg.mainCF["syslog_name"] = "postfix-out"
+	if got := logSetupFor(cfg, "tlsmgr", false, false); got.host != "mx1" || got.tag != "postfix-out/tlsmgr" {
+		t.Errorf("from main.cf: host %q, tag %q", got.host, got.tag)
+	}
+	t.Setenv("POSTLOG_HOSTNAME", "interop.localdomain")
+	t.Setenv("MAIL_LOGTAG", "postfix-interop")
+	if got := logSetupFor(cfg, "tlsmgr", false, false); got.host != "interop" || got.tag != "postfix-interop/tlsmgr" {
+		t.Errorf("from master's environment: host %q, tag %q", got.host, got.tag)
+	}
+}

@@ -307,6 +307,19 @@ func defaultLogTag(processName string) string {
 // configuration says, unless they are already as it says (was). A bad
 // value is fatal, reported where logs go so far.
 func setupLogging(cfg *config, processName string, toStderr, standalone bool, was logSetup) logSetup {
+	want := logSetupFor(cfg, processName, toStderr, standalone)
+	if want == was {
+		return was
+	}
+	if err := msg.setup(want); err != nil {
+		msg.fatal("%v", err)
+	}
+	return want
+}
+
+// logSetupFor reads the logging parameters. master(8) passes the full
+// host name in $POSTLOG_HOSTNAME; Postfix logs only its first label.
+func logSetupFor(cfg *config, processName string, toStderr, standalone bool) logSetup {
 	tag := os.Getenv("MAIL_LOGTAG")
 	if tag == "" {
 		tag = cfg.mustStrOr("syslog_name", "postfix")
@@ -315,7 +328,7 @@ func setupLogging(cfg *config, processName string, toStderr, standalone bool, wa
 	if host == "" {
 		host = cfg.mustStrOr("myhostname", "localhost")
 	}
-	host, _, _ = strings.Cut(host, ".") // Postfix logs the short host name
+	host, _, _ = strings.Cut(host, ".")
 	postlog := os.Getenv("POSTLOG_SERVICE")
 	if postlog == "" {
 		postlog = cfg.mustStrOr("queue_directory", "") + "/public/" + cfg.mustStrOr("postlog_service_name", "postlog")
@@ -324,18 +337,11 @@ func setupLogging(cfg *config, processName string, toStderr, standalone bool, wa
 	if !standalone {
 		maillog = cfg.mustStrOr("maillog_file", "")
 	}
-	want := logSetup{
+	return logSetup{
 		tag: tag + "/" + processName, facility: cfg.mustStrOr("syslog_facility", "mail"),
 		maillogFile: maillog, prefixes: cfg.mustStrOr("maillog_file_prefixes", ""),
 		postlogPath: postlog, host: host, stderr: toStderr, noSyslog: standalone,
 	}
-	if want == was {
-		return was
-	}
-	if err := msg.setup(want); err != nil {
-		msg.fatal("%v", err)
-	}
-	return want
 }
 
 // mustStrOr is str for logging set-up, which runs before validation and
