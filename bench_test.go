@@ -15,7 +15,9 @@ func BenchmarkRequests(b *testing.B) {
 	c := dial(b, s.sock)
 	session := b64(strings.Repeat("s", 2000)) // a typical DER session
 	for i := range 1000 {
-		c.req("request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i), "session", session)
+		if got := c.req("request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i), "session", session); got != "status=0" {
+			b.Fatalf("prefill: %s", got)
+		}
 	}
 	for _, bc := range []struct {
 		name string

@@ -258,7 +258,12 @@ func TestUnderFakeMaster(t *testing.T) {
 	if restarted, _ := os.ReadFile(exch); bytes.Equal(restarted, after) || len(restarted) != 1024 {
 		t.Error("exchange file not read back and rewritten at start")
 	}
-	c2.req("request", "update", "cache_type", "smtp", "cache_id", "k", "session", b64("v"))
+	if got := c2.req("request", "update", "cache_type", "smtp", "cache_id", "k", "session", b64("v")); got != "status=0" {
+		t.Fatalf("update before the restart: %s", got)
+	}
+	if got := c2.req("request", "lookup", "cache_type", "smtp", "cache_id", "k"); got != "status=0 session="+b64("v") {
+		t.Fatalf("lookup before the restart: %s", got)
+	}
 	m2.status.Close()
 	m2.wait(5 * time.Second)
 	m3 := startMaster(t, dir, mainCFFor(dir), "-l", "-t", "unix", "-d")
