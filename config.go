@@ -213,7 +213,7 @@ func splitNameValue(line string) (string, string, error) {
 func (c *config) setOverride(arg string) error {
 	name, value, err := splitNameValue(arg)
 	if err != nil {
-		return fmt.Errorf("bad -o option %q: %v (use -o name=value)", arg, err)
+		return fmt.Errorf("invalid \"-o %s\" option value: %v (use -o name=value)", arg, err)
 	}
 	c.overrides[name] = value
 	return nil

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -293,11 +294,17 @@ func TestStartupFatals(t *testing.T) {
 		{"unknown option", "", []string{"-l", "-t", "unix", "-d", "-q"}, "fatal: invalid option: q"},
 		{"bad transport", "", []string{"-l", "-t", "fifo", "-d"}, "fatal: unsupported transport type: fifo"},
 		{"bad generation", "GENERATION=9z", []string{"-l", "-t", "unix", "-d"}, "fatal: bad generation: 9z"},
+		{"bad -o syntax", "", []string{"-l", "-t", "unix", "-d", "-o", "novalue"},
+			`fatal: invalid "-o novalue" option value: missing '=' after attribute name`},
+		{"bad tlsmgr.toml", "TOML=this is not TOML\n", []string{"-l", "-t", "unix", "-d"},
+			"fatal: TOML file DIR/tlsmgr.toml: toml: line 1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			cf := mainCFFor(dir)
-			if !strings.HasPrefix(tc.extraCF, "GENERATION=") {
+			if toml, ok := strings.CutPrefix(tc.extraCF, "TOML="); ok {
+				writeFile(t, dir, "tlsmgr.toml", toml)
+			} else if !strings.HasPrefix(tc.extraCF, "GENERATION=") {
 				cf += tc.extraCF
 			}
 			m := startMasterEnv(t, dir, cf, tc.extraCF, tc.args...)
@@ -477,13 +484,26 @@ func (m *fakeMaster) statusRecords(d time.Duration) []uint32 {
 	}
 }
 
+// expectReply is one request and the start of the reply it must get.
+type expectReply struct {
+	req    []string
+	prefix string
+}
+
+// expectReplies sends each request and checks its reply.
+func expectReplies(t *testing.T, c *client, when string, cases []expectReply) {
+	t.Helper()
+	for _, tc := range cases {
+		if got := c.req(tc.req...); !strings.HasPrefix(got, tc.prefix) {
+			t.Errorf("%s %s: %.80s, want %s", strings.Join(tc.req[1:], " "), when, got, tc.prefix)
+		}
+	}
+}
+
 // everyRequestWorks checks each request type once, updates first.
 func everyRequestWorks(t *testing.T, c *client) {
 	t.Helper()
-	for _, tc := range []struct {
-		req    []string
-		prefix string
-	}{
+	expectReplies(t, c, "", []expectReply{
 		{[]string{"request", "seed", "size", "32"}, "status=0 seed="},
 		{[]string{"request", "policy", "cache_type", "smtp"}, "status=0 cachable=1 timeout=3600"},
 		{[]string{"request", "update", "cache_type", "smtp", "cache_id", "every", "session", b64("request")}, "status=0"},
@@ -491,11 +511,7 @@ func everyRequestWorks(t *testing.T, c *client) {
 		{[]string{"request", "delete", "cache_type", "smtp", "cache_id", "every"}, "status=0"},
 		{[]string{"request", "lookup", "cache_type", "smtp", "cache_id", "every"}, "status=4294967295 session="},
 		{[]string{"request", "tktkey", "keyname", ""}, "status=0 keybuf="},
-	} {
-		if got := c.req(tc.req...); !strings.HasPrefix(got, tc.prefix) {
-			t.Errorf("%s: %.80s, want %s", strings.Join(tc.req[1:], " "), got, tc.prefix)
-		}
-	}
+	})
 }
 
 // A client that sends requests and never reads the replies loses its
@@ -732,17 +748,52 @@ func TestFullDiskUnderMaster(t *testing.T) {
 
 func everyRequestKeepsWorkingOnAFullDisk(t *testing.T, c *client) {
 	t.Helper()
-	for _, tc := range []struct {
-		req    []string
-		prefix string
-	}{
+	expectReplies(t, c, "on a full disk", []expectReply{
 		{[]string{"request", "seed", "size", "32"}, "status=0 seed="},
 		{[]string{"request", "tktkey", "keyname", ""}, "status=0 keybuf="},
 		{[]string{"request", "lookup", "cache_type", "smtp", "cache_id", "before"}, "status=0 session=" + b64("stored")},
 		{[]string{"request", "update", "cache_type", "smtp", "cache_id", "full", "session", b64("x")}, "status=4294967295"},
+	})
+}
+
+// Logging comes first: with maillog_file set, even a fatal error in
+// tlsmgr.toml or an option reaches postlogd, with the postfix/tlsmgr[PID]
+// tag and the short host name.
+func TestFatalErrorsReachTheMailLog(t *testing.T) {
+	for _, tc := range []struct{ name, toml, option, want string }{
+		{"bad value in tlsmgr.toml", "tlsmgr_max_connections = \"many\"\n", "", "fatal: bad numerical configuration: tlsmgr_max_connections = many"},
+		{"tlsmgr.toml that is not TOML", "this is not TOML\n", "", "fatal: TOML file " + "DIR/tlsmgr.toml: toml: line 1"},
+		{"unknown option", "", "-q", "fatal: invalid option: q"},
 	} {
-		if got := c.req(tc.req...); !strings.HasPrefix(got, tc.prefix) {
-			t.Errorf("%s on a full disk: %.60s, want %s", tc.req[1], got, tc.prefix)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			makeInstanceDirs(t, dir)
+			os.MkdirAll(filepath.Join(dir, "queue", "public"), 0755)
+			postlog, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: filepath.Join(dir, "queue", "public", "postlog"), Net: "unixgram"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer postlog.Close()
+			if tc.toml != "" {
+				writeFile(t, dir, "tlsmgr.toml", tc.toml)
+			}
+			cf := mainCFFor(dir) + "maillog_file = " + dir + "/maillog\nmaillog_file_prefixes = " + dir + "\nmyhostname = mx1.example.org\n"
+			args := []string{"-l", "-t", "unix", "-d"}
+			if tc.option != "" {
+				args = append(args, tc.option)
+			}
+			m := startMaster(t, dir, cf, args...)
+			if code := m.wait(10 * time.Second); code != 1 {
+				t.Errorf("exit %d, want 1", code)
+			}
+			postlog.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 4096)
+			n, err := postlog.Read(buf)
+			want := strings.ReplaceAll(tc.want, "DIR", dir)
+			re := regexp.MustCompile(`^[A-Z][a-z]{2} [0-9]{2} [0-9:]{8} mx1 postfix/tlsmgr\[` + strconv.Itoa(m.cmd.Process.Pid) + `\]: ` + regexp.QuoteMeta(want))
+			if err != nil || !re.Match(buf[:n]) {
+				t.Errorf("postlog record %q (%v), want %s", buf[:n], err, re)
+			}
+		})
 	}
 }
