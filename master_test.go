@@ -759,10 +759,10 @@ func everyRequestKeepsWorkingOnAFullDisk(t *testing.T, c *client) {
 // Logging comes first: with maillog_file set, even a fatal error in
 // tlsmgr.toml or an option reaches postlogd, with the postfix/tlsmgr[PID]
 // tag and the short host name.
-func TestFatalErrorsReachTheMailLog(t *testing.T) {
+func TestFatalsReachMailLog(t *testing.T) {
 	for _, tc := range []struct{ name, toml, option, want string }{
-		{"bad value in tlsmgr.toml", "tlsmgr_max_connections = \"many\"\n", "", "fatal: bad numerical configuration: tlsmgr_max_connections = many"},
-		{"tlsmgr.toml that is not TOML", "this is not TOML\n", "", "fatal: TOML file " + "DIR/tlsmgr.toml: toml: line 1"},
+		{"toml value", "tlsmgr_max_connections = \"many\"\n", "", "fatal: bad numerical configuration: tlsmgr_max_connections = many"},
+		{"toml syntax", "this is not TOML\n", "", "fatal: TOML file " + "DIR/tlsmgr.toml: toml: line 1"},
 		{"unknown option", "", "-q", "fatal: invalid option: q"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
