@@ -271,9 +271,11 @@ func (p *postfixInstance) killBusySinceStart(t *testing.T) {
 }
 
 // killLoop kills tlsmgr n times under update-heavy load. Each time, while
-// the load is paused, the killed process's database (as the kill left it)
-// must pass integrity_check and the exchange file must be whole; then the
-// service must come back.
+// the load and master(8) are paused (master may start the next tlsmgr at
+// any moment, for a wake-up trigger, and that one removes the database at
+// its start), the killed process's database as the kill left it must pass
+// integrity_check and the exchange file must be whole; then the service
+// must come back.
 func (p *postfixInstance) killLoop(t *testing.T, n int) {
 	l := p.startLoad(4)
 	defer l.finish()
@@ -285,6 +287,8 @@ func (p *postfixInstance) killLoop(t *testing.T, n int) {
 		before := l.ok.Load()
 		l.pause.Lock()
 		pid := p.onlyTlsmgr(t)
+		master := p.masterPID(t)
+		syscall.Kill(master, syscall.SIGSTOP)
 		kill9(t, pid)
 		for j := 0; j < 100 && contains(p.tlsmgrPIDs(), pid); j++ {
 			time.Sleep(10 * time.Millisecond)
@@ -297,6 +301,7 @@ func (p *postfixInstance) killLoop(t *testing.T, n int) {
 			fi.Sys().(*syscall.Stat_t).Uid != uint32(postfixUID) {
 			t.Errorf("kill %d: exchange file %v: want 1024 bytes, 0600, regular, postfix's (%v)", i+1, fi, err)
 		}
+		syscall.Kill(master, syscall.SIGCONT)
 		l.pause.Unlock()
 		_, took := p.waitNewTlsmgr(t, pid, 20*time.Second)
 		worst = max(worst, took)
@@ -308,6 +313,16 @@ func (p *postfixInstance) killLoop(t *testing.T, n int) {
 	if m := regexp.MustCompile(`(?m)^.*master\[\d+\]: warning: .*tlsmgr: bad command startup -- throttling$`).FindString(p.logText()); m != "" {
 		t.Errorf("master throttled tlsmgr: %s", m)
 	}
+}
+
+func (p *postfixInstance) masterPID(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile(p.spool + "/pid/master.pid")
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		t.Fatalf("master.pid: %q %v", b, err)
+	}
+	return pid
 }
 
 // integrityOfCopy runs PRAGMA integrity_check on a copy of a database and
