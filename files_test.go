@@ -12,6 +12,25 @@ import (
 	"time"
 )
 
+// needRoot skips a test that needs root, saying why; in CI (CI=true), which
+// runs as root, it fails instead, so that what the test covers is never
+// silently left out.
+func needRoot(t *testing.T, what string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		skipOutsideCI(t, "%s needs root; CI runs this as root", what)
+	}
+}
+
+// skipOutsideCI skips with the reason, or fails under CI=true.
+func skipOutsideCI(t *testing.T, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("cannot run in CI: "+format, args...)
+	}
+	t.Skipf(format, args...)
+}
+
 // fileState is what a planted link's target must still look like afterwards.
 type fileState struct {
 	exists  bool
@@ -50,7 +69,7 @@ func TestPlantedDataFiles(t *testing.T) {
 		{"hard link", "it has 2 hard links", func(t *testing.T, path, outside string) {
 			os.WriteFile(outside, []byte("precious"), 0644)
 			if err := os.Link(outside, path); err != nil {
-				t.Skipf("no hard links here: %v", err)
+				skipOutsideCI(t, "no hard links in the temp directory: %v", err)
 			}
 		}},
 		{"FIFO", "it is not a regular file", func(t *testing.T, path, outside string) {
@@ -97,9 +116,7 @@ func TestPlantedDataFiles(t *testing.T) {
 
 // A file of another user is refused (as root, which can make one).
 func TestForeignDataFileRefused(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("making a file of another user needs root; CI runs this as root")
-	}
+	needRoot(t, "making a file of another user")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "prng_exch")
 	os.WriteFile(path, bytes.Repeat([]byte{1}, 1024), 0644) // root's

@@ -378,9 +378,7 @@ func TestEntropyAndExchangeFaults(t *testing.T) {
 		}
 	})
 	t.Run("exchange file removed in a chroot: exit 0 to reopen, as Postfix", func(t *testing.T) {
-		if os.Geteuid() != 0 {
-			t.Skip("chroot needs root; CI runs this as root")
-		}
+		needRoot(t, "chroot")
 		dir := t.TempDir()
 		m := startMaster(t, dir, mainCFFor(dir)+"tls_random_prng_update_period = 1s\n", "-l", "-t", "unix", "-d", "-V", "-c", "-u")
 		m.dial()
@@ -595,9 +593,7 @@ func TestBusySinceStartTellsMasterItServed(t *testing.T) {
 // Links planted in data_directory, to a root-owned file and dangling,
 // change nothing outside it; tlsmgr replaces them with its own files.
 func TestPlantedLinksUnderMaster(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("planting links for a daemon that drops privileges needs root; CI runs this as root")
-	}
+	needRoot(t, "planting links for a daemon that drops privileges")
 	dir := t.TempDir()
 	makeInstanceDirs(t, dir)
 	outside := filepath.Join(dir, "outside") // root's, 0755: mail_owner may not create here
