@@ -76,19 +76,31 @@ func (pl *plantedLinks) check(t *testing.T, p *postfixInstance) {
 // tlsmgrSocket is private/tlsmgr of the instance.
 func (p *postfixInstance) tlsmgrSocket() string { return p.spool + "/private/tlsmgr" }
 
+// dialTlsmgr connects like a Postfix client and reads the announcement;
+// it returns errors rather than failing the test, for clients that expect
+// tlsmgr to be killed under them.
+func dialTlsmgr(sock string) (net.Conn, *attrReader, error) {
+	conn, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := &attrReader{br: bufio.NewReader(conn), streamName: sock}
+	if _, err := readList(r); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("announcement: %v", err)
+	}
+	return conn, r, nil
+}
+
 // ask sends one request on a new connection and returns the reply as
 // name=value words, or an error; it never fails the test itself.
 func ask(sock string, pairs ...string) (string, error) {
-	conn, err := net.DialTimeout("unix", sock, 5*time.Second)
+	conn, r, err := dialTlsmgr(sock)
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	r := &attrReader{br: bufio.NewReader(conn), streamName: sock}
-	if _, err := readList(r); err != nil {
-		return "", fmt.Errorf("announcement: %v", err)
-	}
 	var w attrWriter
 	for i := 0; i+1 < len(pairs); i += 2 {
 		w.str(pairs[i], pairs[i+1])
@@ -153,18 +165,12 @@ func (p *postfixInstance) startLoad(conns int) *updateLoad {
 			var r *attrReader
 			for i := 0; !l.stop.Load(); i++ {
 				if conn == nil {
-					c, err := net.DialTimeout("unix", p.tlsmgrSocket(), 5*time.Second)
+					c, cr, err := dialTlsmgr(p.tlsmgrSocket())
 					if err != nil {
 						time.Sleep(20 * time.Millisecond)
 						continue
 					}
-					conn, r = c, &attrReader{br: bufio.NewReader(c), streamName: "load"}
-					conn.SetDeadline(time.Now().Add(10 * time.Second))
-					if _, err := readList(r); err != nil {
-						conn.Close()
-						conn = nil
-						continue
-					}
+					conn, r = c, cr
 				}
 				id := fmt.Sprintf("load%d-%d", n, rand.IntN(200))
 				var w attrWriter

@@ -80,13 +80,10 @@ type badFileError struct{ path, why string }
 
 func (e *badFileError) Error() string { return e.path + ": " + e.why }
 
-// checkDataFile says what is wrong with an open data file, or "". links
-// is 1, or 0 for an O_TMPFILE file that has no name yet.
-func checkDataFile(fd int, uid int, links uint64) string {
-	var st syscall.Stat_t
-	if err := syscall.Fstat(fd, &st); err != nil {
-		return "fstat: " + errText(err)
-	}
+// statProblem says what is wrong with a data file, or "": it must be a
+// regular file of uid with links links (1, or 0 for an O_TMPFILE file that
+// has no name yet).
+func statProblem(st *syscall.Stat_t, uid int, links uint64) string {
 	switch {
 	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
 		return "it is not a regular file"
@@ -94,6 +91,19 @@ func checkDataFile(fd int, uid int, links uint64) string {
 		return fmt.Sprintf("it is owned by uid %d, not by mail_owner (uid %d)", st.Uid, uid)
 	case st.Nlink != links:
 		return fmt.Sprintf("it has %d hard links", st.Nlink)
+	}
+	return ""
+}
+
+// checkDataFile checks an open data file and sets its mode to 0600
+// through the descriptor; it says what is wrong, or "".
+func checkDataFile(fd int, uid int, links uint64) string {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return "fstat: " + errText(err)
+	}
+	if why := statProblem(&st, uid, links); why != "" {
+		return why
 	}
 	if st.Mode&0o7777 != 0o600 {
 		if err := syscall.Fchmod(fd, 0o600); err != nil {
@@ -199,14 +209,20 @@ func linkAt(fd int, path string) error {
 // exchange file, the lock file), creating it with content() when it is
 // missing. One that fails the checks is refused with one warning naming
 // it and why, and replaced: removing a name in data_directory as
-// mail_owner cannot harm what a planted link points to.
-func openOrCreateDataFile(path, what string, uid int, content func() []byte) (*os.File, error) {
+// mail_owner cannot harm what a planted link points to. mayReplace, when
+// set, can veto that first.
+func openOrCreateDataFile(path, what string, uid int, content func() []byte, mayReplace func() error) (*os.File, error) {
 	f, err := openDataFile(path, uid)
 	var bad *badFileError
 	switch {
 	case err == nil:
 		return f, nil
 	case errors.As(err, &bad):
+		if mayReplace != nil {
+			if err := mayReplace(); err != nil {
+				return nil, err
+			}
+		}
 		msg.warn("refusing %s %s: %s; replacing it", what, path, bad.why)
 		if err := removeName(path); err != nil {
 			return nil, err
@@ -250,14 +266,10 @@ func checkCompanion(path string, uid int) error {
 		}
 		return &os.PathError{Op: "lstat", Path: path, Err: err}
 	}
-	switch {
-	case st.Mode&syscall.S_IFMT != syscall.S_IFREG:
-		return &badFileError{path, "it is not a regular file"}
-	case int(st.Uid) != uid:
-		return &badFileError{path, fmt.Sprintf("it is owned by uid %d, not by mail_owner (uid %d)", st.Uid, uid)}
-	case st.Nlink != 1:
-		return &badFileError{path, fmt.Sprintf("it has %d hard links", st.Nlink)}
-	case st.Mode&0o077 != 0:
+	if why := statProblem(&st, uid, 1); why != "" {
+		return &badFileError{path, why}
+	}
+	if st.Mode&0o077 != 0 {
 		return &badFileError{path, fmt.Sprintf("it has mode %04o, not 0600", st.Mode&0o7777)}
 	}
 	return nil
@@ -284,29 +296,24 @@ func (e *errDatabaseInUse) Error() string {
 // it ends. The file records our pid for the message a second daemon logs.
 func lockDatabase(dbPath string, uid int, wait time.Duration) (*os.File, error) {
 	path := dbPath + ".lock"
-	f, err := openDataFile(path, uid)
-	var bad *badFileError
-	switch {
-	case err == nil:
-	case errors.As(err, &bad):
-		// Refuse it, but never replace a lock that a live tlsmgr holds.
-		if fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0); err == nil {
-			locked := syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB) == syscall.EWOULDBLOCK
-			syscall.Close(fd)
-			if locked {
-				return nil, &errDatabaseInUse{path: dbPath}
-			}
+	// A wrong lock file is replaced, but never one that a live tlsmgr holds.
+	notHeld := func() error {
+		fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return nil // a link, or gone: nobody holds a lock through it
 		}
-		msg.warn("refusing lock file %s: %s; replacing it", path, bad.why)
-		if err := removeName(path); err != nil {
-			return nil, err
+		defer syscall.Close(fd)
+		if syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB) == syscall.EWOULDBLOCK {
+			return &errDatabaseInUse{path: dbPath}
 		}
-		fallthrough
-	case errors.Is(err, os.ErrNotExist):
-		if f, err = createDataFile(path, uid, nil); err != nil {
-			return nil, fmt.Errorf("cannot create lock file %s: %s", path, errText(err))
-		}
-	default:
+		return nil
+	}
+	f, err := openOrCreateDataFile(path, "lock file", uid, func() []byte { return nil }, notHeld)
+	var inUse *errDatabaseInUse
+	if errors.As(err, &inUse) {
+		return nil, err
+	}
+	if err != nil {
 		return nil, fmt.Errorf("cannot open lock file %s: %s", path, errText(err))
 	}
 	deadline := time.Now().Add(wait)

@@ -85,7 +85,7 @@ func TestPlantedDataFiles(t *testing.T) {
 			tc.plant(t, path, outside)
 			before := stateOf(t, outside)
 			logged := captureLog(t)
-			f, err := openOrCreateDataFile(path, "PRNG exchange file", os.Geteuid(), func() []byte { return []byte("new") })
+			f, err := openOrCreateDataFile(path, "PRNG exchange file", os.Geteuid(), func() []byte { return []byte("new") }, nil)
 			if tc.name == "directory" {
 				// A directory cannot be unlinked as a file: refused, not replaced.
 				if err == nil {
@@ -133,7 +133,7 @@ func TestForeignDataFileRefused(t *testing.T) {
 func TestExistingDataFileKept(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "prng_exch")
 	os.WriteFile(path, []byte("old"), 0640)
-	f, err := openOrCreateDataFile(path, "PRNG exchange file", os.Geteuid(), func() []byte { return []byte("new") })
+	f, err := openOrCreateDataFile(path, "PRNG exchange file", os.Geteuid(), func() []byte { return []byte("new") }, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -208,15 +208,10 @@ func (m *masterStatus) sendOrExit(avail int32) {
 // sendAvail runs when no request has been in flight for availDelay.
 func (m *masterStatus) sendAvail() {
 	m.mu.Lock()
-	var err error
+	defer m.mu.Unlock()
 	if m.inFlight == 0 && m.taken {
 		m.taken = false
-		err = m.send(1)
-	}
-	m.mu.Unlock()
-	if err != nil {
-		msg.debug("master status write failed: %v -- exiting", err)
-		m.onLost()
+		m.sendOrExit(1)
 	}
 }
 

@@ -411,7 +411,7 @@ func openExchangeFile(path string, uid int, p *pool) (*exchangeFile, error) {
 		p.read(b)
 		return b
 	}
-	f, err := openOrCreateDataFile(path, "PRNG exchange file", uid, fresh)
+	f, err := openOrCreateDataFile(path, "PRNG exchange file", uid, fresh, nil)
 	if err != nil {
 		return nil, fmt.Errorf("tls_prng_exch_open: cannot open PRNG exchange file %s: %s", path, errText(err))
 	}

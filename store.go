@@ -131,18 +131,6 @@ func newStore(caches []cacheConfig, sweepBatch int) (*store, error) {
 	return s, nil
 }
 
-// openStore is newStore and open together, for callers without mail_owner.
-func openStore(path string, caches []cacheConfig, sweepBatch int) (*store, error) {
-	s, err := newStore(caches, sweepBatch)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.open(path, os.Geteuid(), 0); err != nil {
-		return nil, err
-	}
-	return s, nil
-}
-
 // open takes the database lock, replaces whatever is at path with a new,
 // empty database, and opens every connection the process will use. The
 // caller runs it with mail_owner's effective uid and gid. On error nothing

@@ -14,6 +14,19 @@ import (
 	"time"
 )
 
+// openStore is newStore and open together, as the daemon's pre-init does
+// them, for tests that run as whoever they are.
+func openStore(path string, caches []cacheConfig, sweepBatch int) (*store, error) {
+	s, err := newStore(caches, sweepBatch)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.open(path, os.Geteuid(), 0); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
 // damageKinds are what a crash, a disk fault, another program or an older
 // tlsmgr may leave where the database goes. None may stop a start.
 var damageKinds = []struct {
