@@ -26,6 +26,8 @@ const (
 	kindString paramKind = iota
 	kindInt
 	kindTime
+	kindBool // yes or no, as Postfix's get_mail_conf_bool
+	kindLong // an int that may exceed 32 bits (byte counts)
 )
 
 // paramSpec describes one parameter that tlsmgr reads: its Postfix default
@@ -81,6 +83,21 @@ var params = map[string]paramSpec{
 	"tlsmgr_database":         {kindString, "${data_directory}/tlsmgr.sqlite", 0, 0},
 	"tlsmgr_sweep_batch_size": {kindInt, "500", 1, 1000000},
 	"tlsmgr_max_connections":  {kindInt, "1000", 1, 1000000},
+
+	// Bounded caches: past either limit the oldest sessions are evicted; 0
+	// is unlimited. The defaults keep each cache near 50 MB at most.
+	"tlsmgr_smtpd_session_cache_entry_limit": {kindInt, "50000", 0, 0},
+	"tlsmgr_smtp_session_cache_entry_limit":  {kindInt, "50000", 0, 0},
+	"tlsmgr_lmtp_session_cache_entry_limit":  {kindInt, "50000", 0, 0},
+	"tlsmgr_smtpd_session_cache_size_limit":  {kindLong, "51200000", 0, 0},
+	"tlsmgr_smtp_session_cache_size_limit":   {kindLong, "51200000", 0, 0},
+	"tlsmgr_lmtp_session_cache_size_limit":   {kindLong, "51200000", 0, 0},
+	// Opt-in: keep unexpired sessions, and the two ticket keys, across
+	// restarts (postfix reload). Postfix keeps neither.
+	"tlsmgr_keep_sessions":    {kindBool, "no", 0, 0},
+	"tlsmgr_keep_ticket_keys": {kindBool, "no", 0, 0},
+	// A statistics line in the log this often; 0 = never.
+	"tlsmgr_statistics_log_period": {kindTime, "0s", 0, 0},
 }
 
 func defaultHostname() string {
@@ -237,12 +254,17 @@ func (c *config) readTOML(path string) error {
 		if !known {
 			return fmt.Errorf("TOML file %s: unknown parameter %q; allowed: the parameters in tlsmgr.toml.example", path, name)
 		}
+		if b, ok := doc[name].(bool); ok && spec.kind == kindBool {
+			c.overlay[name] = map[bool]string{true: "yes", false: "no"}[b]
+			continue
+		}
 		switch v := doc[name].(type) {
 		case string:
 			c.overlay[name] = v
 		case int64:
-			if spec.kind == kindString {
-				return fmt.Errorf("TOML file %s: parameter %s = %d: want a string in quotes", path, name, v)
+			if spec.kind == kindString || spec.kind == kindBool {
+				return fmt.Errorf("TOML file %s: parameter %s = %d: want a string in quotes%s", path, name, v,
+					map[bool]string{true: " or true/false", false: ""}[spec.kind == kindBool])
 			}
 			c.overlay[name] = strconv.FormatInt(v, 10)
 		default:
@@ -262,6 +284,12 @@ func (c *config) validate() error {
 	}
 	sort.Strings(names)
 	for _, n := range names {
+		if params[n].kind == kindBool {
+			if _, err := c.boolean(n); err != nil {
+				return err
+			}
+			continue
+		}
 		if params[n].kind == kindString {
 			if _, err := c.str(n); err != nil {
 				return err
@@ -284,8 +312,8 @@ func (c *config) num(name string) (int64, error) {
 	}
 	var n int64
 	switch spec.kind {
-	case kindInt:
-		n, err = strconv.ParseInt(v, 10, 32)
+	case kindInt, kindLong:
+		n, err = strconv.ParseInt(v, 10, map[paramKind]int{kindInt: 32, kindLong: 64}[spec.kind])
 		if err != nil {
 			return 0, fmt.Errorf("bad numerical configuration: %s = %s (want a decimal integer)", name, v)
 		}
@@ -310,6 +338,30 @@ func (c *config) num(name string) (int64, error) {
 		return 0, fmt.Errorf("parameter %s is not numeric", name)
 	}
 	return n, nil
+}
+
+// boolean is a yes/no parameter; Postfix accepts those two words only, in
+// any case.
+func (c *config) boolean(name string) (bool, error) {
+	v, err := c.str(name)
+	if err != nil {
+		return false, err
+	}
+	switch strings.ToLower(v) {
+	case "yes":
+		return true, nil
+	case "no":
+		return false, nil
+	}
+	return false, fmt.Errorf("bad boolean configuration: %s = %s (want yes or no)", name, v)
+}
+
+func (c *config) mustBool(name string) bool {
+	b, err := c.boolean(name)
+	if err != nil {
+		panic(err)
+	}
+	return b
 }
 
 // mustNum is num for parameters that validate() has already accepted.

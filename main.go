@@ -5,6 +5,7 @@ package main
 
 import (
 	"crypto/rand"
+	"database/sql"
 	"errors"
 	"flag"
 	"fmt"
@@ -54,7 +55,7 @@ func main() {
 // isStandaloneFlag tells our long flags from Postfix's one-letter options.
 func isStandaloneFlag(a string) bool {
 	switch strings.TrimLeft(a, "-") {
-	case "listen", "query", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
+	case "listen", "query", "stats", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
 		return strings.HasPrefix(a, "-")
 	}
 	return strings.HasPrefix(a, "--")
@@ -186,6 +187,7 @@ func runStandalone(args []string) {
 	fs := flag.NewFlagSet("tlsmgr", flag.ExitOnError)
 	listen := fs.String("listen", "", "serve the tlsmgr protocol on this UNIX `socket`")
 	query := fs.Bool("query", false, "send one request to -socket and print the reply: REQUEST ARGS...")
+	stats := fs.Bool("stats", false, "print the statistics and cache sizes kept in the session database, and exit")
 	socket := fs.String("socket", "./tlsmgr.sock", "the `socket` that -query talks to")
 	tomlFile := fs.String("config", "", "TOML `file` with parameters (see tlsmgr.toml.example)")
 	dataDir := fs.String("data", "./tlsmgr-data", "`directory` for the session database and the PRNG exchange file")
@@ -206,8 +208,14 @@ func runStandalone(args []string) {
 	if *query {
 		os.Exit(runQuery(*socket, fs.Args(), *repeat, *raw))
 	}
+	if *stats {
+		dataSet := false
+		fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "data" })
+		cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, overrides, dataSet || *mailConfig == "")
+		os.Exit(runStats(cfg.mustStr("tlsmgr_database")))
+	}
 	if *listen == "" {
-		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, or -query to ask a running tlsmgr")
+		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, -query to ask a running tlsmgr, or -stats")
 		os.Exit(2)
 	}
 	if fs.NArg() > 0 {
@@ -219,43 +227,10 @@ func runStandalone(args []string) {
 		msg.verbose = 1
 	}
 
-	data, err := filepath.Abs(*dataDir)
-	if err != nil {
-		msg.fatal("data directory %s: %v", *dataDir, err)
+	if err := os.MkdirAll(*dataDir, 0700); err != nil {
+		msg.fatal("cannot create data directory %s: %s", *dataDir, errText(err))
 	}
-	if err := os.MkdirAll(data, 0700); err != nil {
-		msg.fatal("cannot create data directory %s: %s", data, errText(err))
-	}
-	cfg := newConfig()
-	cfg.builtin = map[string]string{
-		"data_directory":                   data,
-		"queue_directory":                  data,
-		"smtpd_tls_session_cache_database": "btree:${data_directory}/smtpd_scache",
-		"smtp_tls_session_cache_database":  "btree:${data_directory}/smtp_scache",
-		"lmtp_tls_session_cache_database":  "btree:${data_directory}/lmtp_scache",
-	}
-	if *mailConfig != "" {
-		if err := cfg.readMainCF(mainCFPath(*mailConfig), msg.warn); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
-	cfg.always = map[string]string{"process_name": "tlsmgr", "process_id": strconv.Itoa(os.Getpid()),
-		"service_name": "tlsmgr", "config_directory": *mailConfig}
-	if *tomlFile != "" {
-		if err := cfg.readTOML(*tomlFile); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
-	for _, o := range overrides {
-		if err := cfg.setOverride(o); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
-	setupLogging(cfg, "tlsmgr", true, true, logSetup{})
-	if err := cfg.validate(); err != nil {
-		msg.fatal("%v", err)
-	}
-
+	cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, overrides, true)
 	d := openDaemon(cfg, standaloneOwner(cfg), true)
 	ln, err := listenUnix(*listen)
 	if err != nil {
@@ -268,6 +243,71 @@ func runStandalone(args []string) {
 	d.exitOnSignals()
 	d.srv.serveListener(ln)
 	select {} // as under master: only an orderly exit closes the listener
+}
+
+// standaloneConfig is the configuration of -listen and -stats: our own
+// data directory (useData) and cache names unless main.cf (-mailconfig)
+// says otherwise, then tlsmgr.toml, then -o. Logging goes to stderr.
+func standaloneConfig(dataDir, mailConfig, tomlFile string, overrides []string, useData bool) *config {
+	data, err := filepath.Abs(dataDir)
+	if err != nil {
+		msg.fatal("data directory %s: %v", dataDir, err)
+	}
+	cfg := newConfig()
+	cfg.builtin = map[string]string{
+		"smtpd_tls_session_cache_database": "btree:${data_directory}/smtpd_scache",
+		"smtp_tls_session_cache_database":  "btree:${data_directory}/smtp_scache",
+		"lmtp_tls_session_cache_database":  "btree:${data_directory}/lmtp_scache",
+	}
+	if useData {
+		cfg.builtin["data_directory"] = data
+		cfg.builtin["queue_directory"] = data
+	}
+	if mailConfig != "" {
+		if err := cfg.readMainCF(mainCFPath(mailConfig), msg.warn); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	cfg.always = map[string]string{"process_name": "tlsmgr", "process_id": strconv.Itoa(os.Getpid()),
+		"service_name": "tlsmgr", "config_directory": mailConfig}
+	if tomlFile != "" {
+		if err := cfg.readTOML(tomlFile); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	for _, o := range overrides {
+		if err := cfg.setOverride(o); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	setupLogging(cfg, "tlsmgr", true, true, logSetup{})
+	if err := cfg.validate(); err != nil {
+		msg.fatal("%v", err)
+	}
+	return cfg
+}
+
+// runStats is tlsmgr -stats: it reads the database read-only, as root or
+// mail_owner (the file is 0600), while the daemon runs or after it.
+func runStats(path string) int {
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: session cache database %s: "+format+"\n", append([]any{path}, args...)...)
+		return 1
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fail("%s (read it as root or mail_owner; -mailconfig /etc/postfix finds Postfix's)", errText(err))
+	}
+	f.Close()
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout(5000)")
+	if err != nil {
+		return fail("%v", err)
+	}
+	defer db.Close()
+	if err := printStatistics(os.Stdout, db); err != nil {
+		return fail("%v", err)
+	}
+	return 0
 }
 
 // standaloneOwner is whom a standalone tlsmgr opens its files as. Not
@@ -398,13 +438,20 @@ func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
 			database = cfg.mustStr("default_database_type") + ":" + database
 		}
 		caches = append(caches, cacheConfig{
-			label:    label,
-			database: database,
-			timeout:  cfg.mustNum(label + "_tls_session_cache_timeout"),
-			loglevel: cfg.mustStr(label + "_tls_loglevel"),
+			label:      label,
+			database:   database,
+			timeout:    cfg.mustNum(label + "_tls_session_cache_timeout"),
+			loglevel:   cfg.mustStr(label + "_tls_loglevel"),
+			entryLimit: cfg.mustNum("tlsmgr_" + label + "_session_cache_entry_limit"),
+			sizeLimit:  cfg.mustNum("tlsmgr_" + label + "_session_cache_size_limit"),
 		})
 	}
-	if d.store, err = newStore(caches, int(cfg.mustNum("tlsmgr_sweep_batch_size"))); err != nil {
+	d.store, err = newStore(caches, storeOptions{
+		sweepBatch:   int(cfg.mustNum("tlsmgr_sweep_batch_size")),
+		keepSessions: cfg.mustBool("tlsmgr_keep_sessions"),
+		keepKeys:     cfg.mustBool("tlsmgr_keep_ticket_keys"),
+	})
+	if err != nil {
 		msg.fatal("%v", err)
 	}
 
@@ -438,10 +485,17 @@ func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
 	if err != nil {
 		msg.fatal("%v", err)
 	}
+	keys := newTicketKeys(d.store.caches["smtpd"].timeout, d.pool)
+	if kept, err := d.store.loadTicketKeys(); err != nil {
+		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
+	} else if !keys.disabled() {
+		keys.restore(kept)
+	}
+	keys.made = d.store.saveTicketKeys
 	d.srv = &server{
 		store:      d.store,
 		pool:       d.pool,
-		keys:       newTicketKeys(d.store.caches["smtpd"].timeout, d.pool),
+		keys:       keys,
 		ipcTimeout: time.Duration(cfg.mustNum("ipc_timeout")) * time.Second,
 		maxConns:   int(cfg.mustNum("tlsmgr_max_connections")),
 	}
@@ -464,9 +518,16 @@ func (d *daemon) start() {
 	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
+			d.store.writeMu.Lock()
+			d.store.enforceLimits(c) // a kept cache may be over a lowered limit
+			d.store.writeMu.Unlock()
 			d.sweepers.Add(1)
 			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
 		}
+	}
+	if d.store.writer != nil {
+		d.sweepers.Add(1)
+		go d.store.runStatistics(time.Duration(d.cfg.mustNum("tlsmgr_statistics_log_period"))*time.Second, d.stopSweep, d.sweepers.Done)
 	}
 }
 
@@ -530,6 +591,9 @@ func (d *daemon) shutdown(code int) {
 		d.srv.keys.wipe()
 		close(d.stopSweep)
 		d.sweepers.Wait()
+		if err := d.store.saveCounters(); err != nil {
+			msg.warn("session cache database %s: cannot write statistics at exit: %v", d.store.path, err)
+		}
 		d.store.close()
 		if d.socketPath != "" {
 			os.Remove(d.socketPath)

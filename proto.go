@@ -487,6 +487,8 @@ func (s *server) handleSeed(req *request, w *attrWriter) {
 		w.data("seed", nil)
 		return
 	}
+	s.store.service.seedRequests.Add(1)
+	s.store.service.seedBytes.Add(int64(size))
 	w.int("status", statOK)
 	w.data("seed", seed)
 	clear(seed)
@@ -567,14 +569,21 @@ func (s *server) handleTktkey(req *request, w *attrWriter) {
 	var found bool
 	if len(req.data) == 0 {
 		var err error
-		if key, err = s.keys.issue(); err != nil {
+		var made bool
+		if key, made, err = s.keys.issue(); err != nil {
 			msg.warn("cannot create session ticket key: %v", err)
 			noKey(statErr, nil)
 			return
 		}
+		if made {
+			s.store.service.keysIssued.Add(1)
+		}
 	} else if key, found = s.keys.find(req.data); !found {
+		s.store.service.keysNotFound.Add(1)
 		noKey(statErr, req.data) // Postfix echoes the name it could not find
 		return
+	} else {
+		s.store.service.keysFound.Add(1)
 	}
 	defer key.wipe()
 	buf := key.marshal()
@@ -618,6 +627,11 @@ type ticketKeys struct {
 	half      int64 // H; 0 when the smtpd cache timeout is 0
 	rand      io.Reader
 	now       func() time.Time
+
+	// made, when set, learns of every new key while the lock is held, so
+	// that the keys can be kept (tlsmgr_keep_ticket_keys) in the order
+	// they were made.
+	made func(cur, prev *ticketKey)
 }
 
 func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
@@ -627,26 +641,53 @@ func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
 func (t *ticketKeys) disabled() bool { return t.half == 0 }
 
 // issue returns the current key, making a new one when it has stopped
-// issuing: at its tout, as Postfix does (timecmp(tout, now) <= 0).
-func (t *ticketKeys) issue() (ticketKey, error) {
+// issuing: at its tout, as Postfix does (timecmp(tout, now) <= 0). made
+// says whether the key is new.
+func (t *ticketKeys) issue() (key ticketKey, made bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now().Unix()
 	if t.cur != nil && t.cur.tout > now {
-		return *t.cur, nil
+		return *t.cur, false, nil
 	}
 	k := &ticketKey{tout: now + t.half - 1}
 	for _, part := range [][]byte{k.name[:], k.bits[:], k.hmac[:]} {
 		if _, err := io.ReadFull(t.rand, part); err != nil {
 			k.wipe()
-			return ticketKey{}, err
+			return ticketKey{}, false, err
 		}
 	}
 	if t.prev != nil {
 		t.prev.wipe() // the retired key
 	}
 	t.prev, t.cur = t.cur, k
-	return *k, nil
+	if t.made != nil {
+		t.made(t.cur, t.prev)
+	}
+	return *k, true, nil
+}
+
+// restore takes back the keys a previous process kept, newest first,
+// dropping any that can no longer decrypt: the T/2 rules go on as if
+// there had been no restart.
+func (t *ticketKeys) restore(keys []ticketKey) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now().Unix()
+	var usable []*ticketKey
+	for i := range keys {
+		if keys[i].tout+t.half > now && len(usable) < 2 {
+			k := keys[i]
+			usable = append(usable, &k)
+		}
+		keys[i].wipe()
+	}
+	if len(usable) > 0 {
+		t.cur = usable[0]
+	}
+	if len(usable) > 1 {
+		t.prev = usable[1]
+	}
 }
 
 // find returns the key with this name while it may still decrypt tickets,

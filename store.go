@@ -26,6 +26,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -58,12 +59,27 @@ type cache struct {
 	logCache bool   // the "cache" bit of *_tls_loglevel
 	offline  bool   // the database could not be opened: no caching in this process
 
-	lookupStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, existsStmt *sql.Stmt
+	entryLimit, sizeLimit int64        // tlsmgr_<label>_session_cache_{entry,size}_limit; 0 = none
+	entries, bytes        atomic.Int64 // what the table holds now (bytes of session)
+	count                 cacheCounters
+
+	lookupStmt, sizeStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, evictStmt, existsStmt *sql.Stmt
 }
 
 // configured is what main.cf asks for; enabled is what this process does.
 func (c *cache) configured() bool { return c.database != "" && c.timeout > 0 }
 func (c *cache) enabled() bool    { return c.configured() && !c.offline }
+
+// evictBatch is how many of the oldest sessions go at once when the cache
+// is full: a twentieth of the limit, so that a full cache is not trimmed
+// on every update, and never more than one sweep batch.
+func (c *cache) evictBatch(sweepBatch int) int64 {
+	n := int64(100)
+	if c.entryLimit > 0 {
+		n = c.entryLimit / 20
+	}
+	return max(1, min(n, int64(sweepBatch)))
+}
 
 // effectiveTimeout sanitises a cache timeout the way tlsmgr does at start.
 func effectiveTimeout(t int64) int64 {
@@ -87,6 +103,18 @@ type store struct {
 	now        func() time.Time
 	closed     bool
 
+	// keepSessions and keepKeys are tlsmgr_keep_sessions and
+	// tlsmgr_keep_ticket_keys: with either, the database survives a
+	// restart; kept says whether this start found one to continue.
+	keepSessions, keepKeys, kept bool
+
+	// writeMu makes each write and what it counts one step: the entry
+	// and byte counts that the limits use must match the table.
+	writeMu sync.Mutex
+
+	service serviceCounters
+	since   int64 // when the counters began
+
 	// hidden holds entries whose delete or replacement could not be
 	// written (a full disk, a read-only file): lookups miss them until
 	// the row is really gone, so a failed write never brings back a
@@ -102,19 +130,33 @@ type hiddenEntry struct{ cache, id string }
 // maxHidden bounds the hidden entries; past it a failed write is only logged.
 const maxHidden = 10000
 
+// schemaVersion is schema.sql's user_version: a kept database of another
+// version is set aside.
+const schemaVersion = 2
+
 // cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
 	label, database, loglevel string
 	timeout                   int64
+	entryLimit, sizeLimit     int64
+}
+
+// storeOptions are the parameters that concern the database as a whole.
+type storeOptions struct {
+	sweepBatch             int
+	keepSessions, keepKeys bool
 }
 
 // newStore checks the cache configuration; a database named twice is
 // Postfix's fatal error. It opens nothing.
-func newStore(caches []cacheConfig, sweepBatch int) (*store, error) {
+func newStore(caches []cacheConfig, opts storeOptions) (*store, error) {
 	seen := map[string]string{}
-	s := &store{caches: map[string]*cache{}, sweepBatch: sweepBatch, now: time.Now}
+	s := &store{caches: map[string]*cache{}, sweepBatch: opts.sweepBatch, now: time.Now,
+		keepSessions: opts.keepSessions, keepKeys: opts.keepKeys}
+	s.since = s.now().Unix()
 	for _, cc := range caches {
-		c := &cache{label: cc.label, database: cc.database, timeout: effectiveTimeout(cc.timeout)}
+		c := &cache{label: cc.label, database: cc.database, timeout: effectiveTimeout(cc.timeout),
+			entryLimit: cc.entryLimit, sizeLimit: cc.sizeLimit}
 		mask, err := tlsLogMask(cc.loglevel)
 		if err != nil {
 			msg.warn("%s_tls_loglevel: %v", cc.label, err)
@@ -131,19 +173,22 @@ func newStore(caches []cacheConfig, sweepBatch int) (*store, error) {
 	return s, nil
 }
 
-// open takes the database lock, replaces whatever is at path with a new,
-// empty database, and opens every connection the process will use. The
+// open takes the database lock and opens every connection the process
+// will use. Without tlsmgr_keep_sessions or tlsmgr_keep_ticket_keys it
+// replaces whatever is at path with a new, empty database, as Postfix
+// empties its caches at start; with either, it continues the database it
+// finds, unless that is damaged, which is set aside with one warning. The
 // caller runs it with mail_owner's effective uid and gid. On error nothing
 // is left open and the caches are offline; the caller decides whether
 // that stops us (a second standalone daemon) or only costs caching.
 func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	s.path, s.uid = path, uid
-	wanted := false
+	wanted := s.keepKeys
 	for _, c := range s.caches {
 		wanted = wanted || c.configured()
 	}
 	if !wanted {
-		return nil // no cache is on: no database to hold
+		return nil // no cache is on and no key is kept: no database to hold
 	}
 	defer func() {
 		if err != nil {
@@ -156,28 +201,32 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	if s.lock, err = lockDatabase(path, uid, lockWait); err != nil {
 		return err
 	}
-	for _, suffix := range []string{"", "-wal", "-shm", "-journal"} {
-		if err := removeName(path + suffix); err != nil {
-			return fmt.Errorf("cannot remove the old session cache: %s", errText(err))
+	var f *os.File
+	if s.keepSessions || s.keepKeys {
+		if f, err = s.openKept(path, uid); err != nil {
+			return err
 		}
+		s.kept = f != nil
 	}
-	f, err := createDataFile(path, uid, nil)
-	if err != nil {
-		return fmt.Errorf("cannot create session cache database %s: %s", path, errText(err))
+	if f == nil {
+		for _, suffix := range []string{"", "-wal", "-shm", "-journal"} {
+			if err := removeName(path + suffix); err != nil {
+				return fmt.Errorf("cannot remove the old session cache: %s", errText(err))
+			}
+		}
+		if f, err = createDataFile(path, uid, nil); err != nil {
+			return fmt.Errorf("cannot create session cache database %s: %s", path, errText(err))
+		}
 	}
 	defer f.Close()
 
-	// auto_vacuum goes first: it only takes effect before the first table.
-	dsn := "file:" + path + "?_pragma=auto_vacuum(INCREMENTAL)&_pragma=busy_timeout(10000)" +
-		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)" +
-		"&_pragma=secure_delete(ON)&_pragma=journal_size_limit(" + fmt.Sprint(walSizeLimit) + ")"
-	if s.writer, err = openPool(dsn, 1); err != nil {
+	if s.writer, err = openPool(databaseDSN(path), 1); err != nil {
 		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	if _, err := s.writer.Exec(schemaSQL); err != nil {
 		return fmt.Errorf("session cache database %s: create schema: %v", path, err)
 	}
-	if s.reader, err = openPool(dsn, readerConns); err != nil {
+	if s.reader, err = openPool(databaseDSN(path), readerConns); err != nil {
 		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	if err := s.warm(s.writer, 1); err != nil {
@@ -204,7 +253,115 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 			msg.info("open %s TLS cache %s", c.label, c.database)
 		}
 	}
+	if s.kept {
+		if err := s.continueKept(); err != nil {
+			return fmt.Errorf("session cache database %s: %v", path, err)
+		}
+	}
 	return nil
+}
+
+// databaseDSN is how every connection opens the database. auto_vacuum
+// goes first: it only takes effect before the first table.
+func databaseDSN(path string) string {
+	return "file:" + path + "?_pragma=auto_vacuum(INCREMENTAL)&_pragma=busy_timeout(10000)" +
+		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)" +
+		"&_pragma=secure_delete(ON)&_pragma=journal_size_limit(" + fmt.Sprint(walSizeLimit) + ")"
+}
+
+// openKept opens the database a previous tlsmgr left, when it can be
+// trusted and read; it returns nil when there is none or it was set
+// aside, and a new one must be made.
+func (s *store) openKept(path string, uid int) (*os.File, error) {
+	f, err := openDataFile(path, uid)
+	var bad *badFileError
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil, nil
+	case errors.As(err, &bad):
+		msg.warn("refusing session cache database %s: %s; replacing it", path, bad.why)
+		return nil, nil // open() removes it and its companions
+	case err != nil:
+		return nil, fmt.Errorf("session cache database %s: %s", path, errText(err))
+	}
+	// SQLite will open these by name: a planted one goes before it does.
+	for _, suffix := range []string{"-wal", "-shm", "-journal"} {
+		if err := checkCompanion(path+suffix, uid); err != nil || suffix == "-journal" {
+			if errors.As(err, &bad) {
+				msg.warn("refusing %s: %s; removing it", path+suffix, bad.why)
+			}
+			if err := removeName(path + suffix); err != nil {
+				f.Close()
+				return nil, err
+			}
+		}
+	}
+	if why := checkKept(path); why != "" {
+		f.Close()
+		aside := path + ".damaged"
+		for _, suffix := range []string{"", "-wal"} {
+			if err := syscall.Rename(path+suffix, aside+suffix); err != nil && err != syscall.ENOENT {
+				return nil, fmt.Errorf("cannot move damaged session cache database %s aside: %s", path+suffix, errText(err))
+			}
+		}
+		msg.warn("session cache database %s %s; moved it aside to %s and started a new one", path, why, aside)
+		return nil, nil
+	}
+	return f, nil
+}
+
+// checkKept says what is wrong with a kept database: "" when it passes
+// SQLite's quick_check and has our schema.
+func checkKept(path string) string {
+	db, err := openPool(databaseDSN(path), 1)
+	if err != nil {
+		return "cannot be opened: " + err.Error()
+	}
+	defer db.Close()
+	var version int
+	if err := db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
+		return "is damaged (" + err.Error() + ")"
+	}
+	var check string
+	if err := db.QueryRow("PRAGMA quick_check").Scan(&check); err != nil {
+		return "is damaged (" + err.Error() + ")"
+	}
+	if check != "ok" {
+		return "is damaged (quick_check: " + check + ")"
+	}
+	if version != schemaVersion {
+		return fmt.Sprintf("has schema version %d, not %d", version, schemaVersion)
+	}
+	return ""
+}
+
+// continueKept keeps of a previous process's database what the options
+// say: sessions (and the counts that go with them), ticket keys, both,
+// and the counters. Rows of caches that are off now are dropped.
+func (s *store) continueKept() error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if !s.keepKeys {
+		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
+			return err
+		}
+	}
+	for _, label := range cacheLabels {
+		c := s.caches[label]
+		if !s.keepSessions || !c.enabled() {
+			if _, err := s.writer.Exec("DELETE FROM " + label + "_cache"); err != nil {
+				return err
+			}
+			continue
+		}
+		var n, bytes int64
+		if err := s.writer.QueryRow("SELECT count(*), coalesce(sum(length(session)), 0) FROM "+label+"_cache").Scan(&n, &bytes); err != nil {
+			return err
+		}
+		c.entries.Store(n)
+		c.bytes.Store(bytes)
+	}
+	return s.loadCounters()
 }
 
 // openPool opens a fixed-size pool whose connections are never closed.
@@ -254,11 +411,14 @@ func (s *store) prepare(c *cache) error {
 		sql  string
 	}{
 		{&c.lookupStmt, s.reader, "SELECT session, expires FROM " + t + " WHERE id = ?"},
-		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE id = ? AND expires < ?"},
-		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (id, session, stored, expires) VALUES (?, ?, ?, ?)" +
-			" ON CONFLICT (id) DO UPDATE SET session = excluded.session, stored = excluded.stored, expires = excluded.expires"},
-		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE id = ?"},
-		{&c.sweepStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?)"},
+		{&c.sizeStmt, s.writer, "SELECT length(session) FROM " + t + " WHERE id = ?"},
+		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE id = ? AND expires < ? RETURNING length(session)"},
+		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (id, session, stored, expires, " + decodedColumns + ")" +
+			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET" +
+			" session = excluded.session, stored = excluded.stored, expires = excluded.expires" + decodedUpdates},
+		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE id = ? RETURNING length(session)"},
+		{&c.sweepStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?) RETURNING length(session)"},
+		{&c.evictStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " ORDER BY expires LIMIT ?) RETURNING length(session)"},
 		{&c.existsStmt, s.reader, "SELECT 1 FROM " + t + " WHERE id = ?"},
 	} {
 		if *p.stmt, err = p.db.Prepare(p.sql); err != nil {
@@ -266,6 +426,45 @@ func (s *store) prepare(c *cache) error {
 		}
 	}
 	return nil
+}
+
+// decodedColumns are the columns decodeSession fills, in decodedValues' order.
+const decodedColumns = "protocol, cipher, session_time, session_timeout, sni, ticket, ticket_lifetime," +
+	" verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after"
+
+var decodedUpdates = func() string {
+	var b strings.Builder
+	for _, col := range strings.Split(decodedColumns, ",") {
+		col = strings.TrimSpace(col)
+		fmt.Fprintf(&b, ", %s = excluded.%s", col, col)
+	}
+	return b.String()
+}()
+
+// decodedValues are the column values for a session: all NULL when it
+// does not decode.
+func decodedValues(blob []byte) []any {
+	values := make([]any, 12)
+	info, err := decodeSession(blob)
+	if err != nil {
+		return values
+	}
+	copy(values, []any{info.protocol, info.cipher, info.time, info.timeout, nullString(info.sni),
+		info.hasTicket, info.ticketLifetime, info.verifyResult})
+	if p := info.peer; p != nil {
+		values[8], values[9], values[10] = nullString(p.subject), nullString(p.issuer), p.fingerprint
+		if p.notAfter != 0 {
+			values[11] = p.notAfter
+		}
+	}
+	return values
+}
+
+func nullString(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
 }
 
 // close checkpoints the WAL and truncates it through the open connection
@@ -312,6 +511,17 @@ func (s *store) lookup(c *cache, id string) ([]byte, int) {
 	if c.logCache {
 		msg.info("lookup %s session id=%s", c.label, id)
 	}
+	c.count.lookups.Add(1)
+	session, status := s.find(c, id)
+	if status == statOK {
+		c.count.hits.Add(1)
+	} else {
+		c.count.misses.Add(1)
+	}
+	return session, status
+}
+
+func (s *store) find(c *cache, id string) ([]byte, int) {
 	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
 		return nil, statErr
 	}
@@ -327,15 +537,43 @@ func (s *store) lookup(c *cache, id string) ([]byte, int) {
 	}
 	now := s.now().Unix()
 	if expires < now {
-		if _, err := c.expireStmt.Exec(id, now); err != nil {
+		s.writeMu.Lock()
+		n, err := s.deleteRows(c, c.expireStmt, id, now)
+		s.writeMu.Unlock()
+		if err != nil {
 			s.writeFailed(c, "delete expired", id, err)
 		}
+		c.count.expiredAtLookup.Add(n)
 		return nil, statErr
 	}
 	if c.logCache {
 		msg.info("read %s TLS cache entry %s: time=%d [data %d bytes]", c.label, id, expires-c.timeout, len(session))
 	}
 	return session, statOK
+}
+
+// deleteRows runs a DELETE ... RETURNING length(session) and keeps the
+// entry and byte counts; the caller holds writeMu.
+func (s *store) deleteRows(c *cache, stmt *sql.Stmt, args ...any) (int64, error) {
+	rows, err := stmt.Query(args...)
+	if err != nil {
+		return 0, err
+	}
+	defer rows.Close()
+	var n, bytes int64
+	for rows.Next() {
+		var size int64
+		if err := rows.Scan(&size); err != nil {
+			return 0, err
+		}
+		n, bytes = n+1, bytes+size
+	}
+	if err := rows.Err(); err != nil {
+		return 0, err // nothing was deleted: the statement rolled back
+	}
+	c.entries.Add(-n)
+	c.bytes.Add(-bytes)
+	return n, nil
 }
 
 func (s *store) update(c *cache, id string, session []byte) int {
@@ -346,10 +584,29 @@ func (s *store) update(c *cache, id string, session []byte) int {
 	if session == nil {
 		session = []byte{} // NOT NULL: an empty session is still a session
 	}
-	if _, err := c.updateStmt.Exec(id, session, now, now+c.timeout); err != nil {
+	args := append([]any{id, session, now, now + c.timeout}, decodedValues(session)...)
+
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	var oldSize int64
+	err := c.sizeStmt.QueryRow(id).Scan(&oldSize)
+	replaces := err == nil
+	if err == nil || errors.Is(err, sql.ErrNoRows) {
+		_, err = c.updateStmt.Exec(args...)
+	}
+	if err != nil {
+		c.count.storeFailures.Add(1)
 		s.writeFailed(c, "store", id, err)
 		s.hide(c, id)  // the session it replaces must not come back
 		return statErr // clients treat it as "not cached"
+	}
+	if replaces {
+		c.count.replaced.Add(1)
+		c.bytes.Add(int64(len(session)) - oldSize)
+	} else {
+		c.count.stores.Add(1)
+		c.entries.Add(1)
+		c.bytes.Add(int64(len(session)))
 	}
 	if c.logCache {
 		msg.info("write %s TLS cache entry %s: time=%d [data %d bytes]", c.label, id, now, len(session))
@@ -358,7 +615,47 @@ func (s *store) update(c *cache, id string, session []byte) int {
 		s.unhide(c, id)
 		s.flushHidden()
 	}
+	s.enforceLimits(c)
 	return statOK
+}
+
+// enforceLimits evicts the oldest sessions of a cache that is over its
+// entry or byte limit, a batch at a time, so that the next updates find
+// room; the caller holds writeMu.
+func (s *store) enforceLimits(c *cache) {
+	batch := c.evictBatch(s.sweepBatch)
+	var evicted int64
+	var param string
+	var limit int64
+	if c.entryLimit > 0 && c.entries.Load() > c.entryLimit {
+		param, limit = "entry", c.entryLimit
+		n, err := s.deleteRows(c, c.evictStmt, c.entries.Load()-c.entryLimit+batch-1)
+		if err != nil {
+			s.writeFailed(c, "evict", "(the oldest)", err)
+			return
+		}
+		evicted += n
+	}
+	if c.sizeLimit > 0 && c.bytes.Load() > c.sizeLimit {
+		param, limit = "size", c.sizeLimit
+		for c.bytes.Load() > c.sizeLimit-c.sizeLimit/20 {
+			n, err := s.deleteRows(c, c.evictStmt, batch)
+			if err != nil {
+				s.writeFailed(c, "evict", "(the oldest)", err)
+				break
+			}
+			if n == 0 {
+				break
+			}
+			evicted += n
+		}
+	}
+	if evicted == 0 {
+		return
+	}
+	c.count.evictions.Add(evicted)
+	msg.warnLimited("full "+c.label, "%s TLS cache is full: evicted the %d oldest sessions to stay within tlsmgr_%s_session_cache_%s_limit = %d; raise that limit to keep more",
+		c.label, evicted, c.label, param, limit)
 }
 
 func (s *store) remove(c *cache, id string) int {
@@ -368,17 +665,21 @@ func (s *store) remove(c *cache, id string) int {
 	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
 		return statErr // already deleted, as far as clients can tell
 	}
-	res, err := c.deleteStmt.Exec(id)
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	n, err := s.deleteRows(c, c.deleteStmt, id)
 	if err != nil {
 		s.writeFailed(c, "delete", id, err)
 		if s.hide(c, id) {
+			c.count.deletes.Add(1)
 			return statOK // gone for every lookup; the row goes when it can
 		}
 		return statErr
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
+	if n == 0 {
 		return statErr
 	}
+	c.count.deletes.Add(1)
 	if s.hiddenCount.Load() > 0 {
 		s.flushHidden()
 	}
@@ -419,7 +720,7 @@ func (s *store) unhide(c *cache, id string) {
 }
 
 // flushHidden deletes hidden rows now that writes work again, a few at a
-// time so that no request waits long for it.
+// time so that no request waits long for it; the caller holds writeMu.
 func (s *store) flushHidden() {
 	s.hiddenMu.Lock()
 	var batch []hiddenEntry
@@ -430,10 +731,11 @@ func (s *store) flushHidden() {
 	}
 	s.hiddenMu.Unlock()
 	for _, e := range batch {
-		if _, err := s.caches[e.cache].deleteStmt.Exec(e.id); err != nil {
+		c := s.caches[e.cache]
+		if _, err := s.deleteRows(c, c.deleteStmt, e.id); err != nil {
 			return // still failing: the next successful write tries again
 		}
-		s.unhide(s.caches[e.cache], e.id)
+		s.unhide(c, e.id)
 	}
 }
 
@@ -449,16 +751,79 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 			return total, nil
 		default:
 		}
-		res, err := c.sweepStmt.Exec(cutoff, s.sweepBatch)
+		s.writeMu.Lock()
+		n, err := s.deleteRows(c, c.sweepStmt, cutoff, s.sweepBatch)
+		s.writeMu.Unlock()
+		c.count.expiredBySweep.Add(n)
+		total += n
 		if err != nil {
 			return total, err
 		}
-		n, _ := res.RowsAffected()
-		total += n
 		if n < int64(s.sweepBatch) {
 			return total, nil
 		}
 	}
+}
+
+// saveTicketKeys keeps the current and previous ticket keys
+// (tlsmgr_keep_ticket_keys), so that tickets issued before a restart still
+// decrypt after it. A failure costs only that.
+func (s *store) saveTicketKeys(cur, prev *ticketKey) {
+	if !s.keepKeys || s.writer == nil || s.closed {
+		return
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	err := func() error {
+		tx, err := s.writer.Begin()
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		if _, err := tx.Exec("DELETE FROM ticket_keys"); err != nil {
+			return err
+		}
+		for slot, k := range []*ticketKey{cur, prev} {
+			if k == nil {
+				continue
+			}
+			if _, err := tx.Exec("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
+				slot, k.name[:], k.bits[:], k.hmac[:], k.tout); err != nil {
+				return err
+			}
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
+		msg.warnLimited("ticket keys", "session cache database %s: cannot keep the session ticket keys: %v", s.path, err)
+	}
+}
+
+// loadTicketKeys returns the kept keys, the current one first.
+func (s *store) loadTicketKeys() ([]ticketKey, error) {
+	if !s.keepKeys || !s.kept {
+		return nil, nil
+	}
+	rows, err := s.writer.Query("SELECT name, cipher_key, hmac_key, tout FROM ticket_keys ORDER BY slot")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var keys []ticketKey
+	for rows.Next() {
+		var name, bits, hmac sql.RawBytes
+		var k ticketKey
+		if err := rows.Scan(&name, &bits, &hmac, &k.tout); err != nil {
+			return nil, err
+		}
+		if len(name) == len(k.name) && len(bits) == len(k.bits) && len(hmac) == len(k.hmac) {
+			copy(k.name[:], name)
+			copy(k.bits[:], bits)
+			copy(k.hmac[:], hmac)
+			keys = append(keys, k)
+		}
+	}
+	return keys, rows.Err()
 }
 
 // shrink gives the pages that deleted sessions occupied back to the file
@@ -502,7 +867,9 @@ func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
 			msg.debug("%s TLS cache: cleanup removed %d entries", c.label, n)
 		}
 		if s.hiddenCount.Load() > 0 {
+			s.writeMu.Lock()
 			s.flushHidden()
+			s.writeMu.Unlock()
 		}
 		if n > 0 {
 			if err := s.shrink(); err != nil {

@@ -17,7 +17,7 @@ import (
 // openStore is newStore and open together, as the daemon's pre-init does
 // them, for tests that run as whoever they are.
 func openStore(path string, caches []cacheConfig, sweepBatch int) (*store, error) {
-	s, err := newStore(caches, sweepBatch)
+	s, err := newStore(caches, storeOptions{sweepBatch: sweepBatch})
 	if err != nil {
 		return nil, err
 	}
@@ -157,7 +157,7 @@ func TestSecondStoreRefused(t *testing.T) {
 // A store that could not open keeps its caches offline: policy says
 // "not cachable", and requests get FAIL, as for a cache that is off.
 func TestOfflineStore(t *testing.T) {
-	st, err := newStore(allCaches(3600), 500)
+	st, err := newStore(allCaches(3600), storeOptions{sweepBatch: 500})
 	if err != nil {
 		t.Fatal(err)
 	}

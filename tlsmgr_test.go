@@ -697,7 +697,7 @@ func TestTicketKeysConcurrentRotation(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range 2000 {
-				k, err := keys.issue()
+				k, _, err := keys.issue()
 				if err != nil {
 					t.Error(err)
 					return

@@ -1,0 +1,250 @@
+package main
+
+// What stock tlsmgr lacks: readable sessions, bounded caches, and
+// sessions and ticket keys kept across restarts (opt-in).
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// keptStore opens a store with tlsmgr_keep_sessions/_ticket_keys as given.
+func keptStore(t *testing.T, db string, keepSessions, keepKeys bool, caches []cacheConfig) *store {
+	t.Helper()
+	st, err := newStore(caches, storeOptions{sweepBatch: 500, keepSessions: keepSessions, keepKeys: keepKeys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.open(db, os.Geteuid(), 0); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// The sessions view shows what the blob holds, for an OpenSSL session,
+// and NULLs for anything else; the blob is stored unchanged either way.
+func TestReadableSessionColumns(t *testing.T) {
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), allCaches(3600), 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	smtp := st.caches["smtp"]
+	for _, tc := range decodeCases {
+		if st.update(smtp, tc.file, testSession(t, tc.file)) != statOK {
+			t.Fatalf("update %s", tc.file)
+		}
+	}
+	st.update(smtp, "opaque", []byte("not an OpenSSL session"))
+
+	for _, tc := range decodeCases {
+		var protocol, cipher, sni, subject, fingerprint, notAfter *string
+		var ticket *bool
+		err := st.reader.QueryRow("SELECT protocol, cipher, sni, ticket, peer_subject, peer_fingerprint, peer_not_after FROM sessions WHERE id = ?", tc.file).
+			Scan(&protocol, &cipher, &sni, &ticket, &subject, &fingerprint, &notAfter)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.file, err)
+		}
+		got := fmt.Sprint(deref(protocol), " ", deref(cipher), " sni=", deref(sni), " ticket=", ticket != nil && *ticket, " peer=", deref(subject), " ", deref(notAfter))
+		want := fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", "", " ", "")
+		if tc.peer {
+			want = fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", "CN=mx.example.org,O=Example Mail,C=DE", " ", "2036-11-21T06:18:37Z")
+			if deref(fingerprint) != testCertFingerprint {
+				t.Errorf("%s: fingerprint %s", tc.file, deref(fingerprint))
+			}
+		}
+		if got != want {
+			t.Errorf("%s:\n got %s\nwant %s", tc.file, got, want)
+		}
+	}
+	var nulls int
+	st.reader.QueryRow("SELECT (protocol IS NULL) + (cipher IS NULL) + (ticket IS NULL) + (peer_subject IS NULL) FROM sessions WHERE id = 'opaque'").Scan(&nulls)
+	if nulls != 4 {
+		t.Errorf("an opaque blob got columns: %d NULLs of 4", nulls)
+	}
+	if b, status := st.lookup(smtp, "tls13-ticket-sni"); status != statOK || !bytes.Equal(b, testSession(t, "tls13-ticket-sni")) {
+		t.Errorf("the blob did not come back unchanged: %d", status)
+	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// tableCounts is what the table really holds.
+func tableCounts(t *testing.T, st *store, label string) (entries, bytes int64) {
+	t.Helper()
+	if err := st.writer.QueryRow("SELECT count(*), coalesce(sum(length(session)), 0) FROM "+label+"_cache").Scan(&entries, &bytes); err != nil {
+		t.Fatal(err)
+	}
+	return entries, bytes
+}
+
+// A cache at its entry limit evicts its oldest sessions, a batch at a
+// time: never more than the limit in the table, the newest kept, every
+// eviction counted, and one rate-limited warning naming the parameter.
+func TestEntryLimitEvictsOldest(t *testing.T) {
+	logged := captureLog(t)
+	caches := allCaches(3600)
+	caches[1].entryLimit = 100
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), caches, 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	smtp := st.caches["smtp"]
+	clock := int64(1_800_000_000)
+	st.now = func() time.Time { clock++; return time.Unix(clock, 0) }
+	for i := range 1000 {
+		st.update(smtp, fmt.Sprintf("id%04d", i), bytes.Repeat([]byte{1}, 100))
+		if n, _ := tableCounts(t, st, "smtp"); n > 100 {
+			t.Fatalf("after update %d the table holds %d entries, limit 100", i, n)
+		}
+	}
+	n, b := tableCounts(t, st, "smtp")
+	if n != smtp.entries.Load() || b != smtp.bytes.Load() {
+		t.Errorf("counted %d entries / %d bytes, the table holds %d / %d", smtp.entries.Load(), smtp.bytes.Load(), n, b)
+	}
+	if _, status := st.lookup(smtp, "id0999"); status != statOK {
+		t.Error("the newest session was evicted")
+	}
+	if _, status := st.lookup(smtp, "id0000"); status != statErr {
+		t.Error("the oldest session survived")
+	}
+	if got := smtp.count.evictions.Load(); got != 1000-n {
+		t.Errorf("%d evictions counted, %d sessions gone", got, 1000-n)
+	}
+	if c := strings.Count(logged(), "tlsmgr_smtp_session_cache_entry_limit = 100; raise that limit"); c != 1 {
+		t.Errorf("%d warnings naming the limit, want 1 (rate-limited):\n%s", c, logged())
+	}
+}
+
+// The byte limit holds too, and replacing a session counts its new size.
+func TestSizeLimitEvictsOldest(t *testing.T) {
+	caches := allCaches(3600)
+	caches[0].sizeLimit = 100_000
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), caches, 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	smtpd := st.caches["smtpd"]
+	for i := range 500 {
+		st.update(smtpd, fmt.Sprintf("id%d", i%300), bytes.Repeat([]byte{2}, 1000+i))
+		if _, b := tableCounts(t, st, "smtpd"); b > 100_000 {
+			t.Fatalf("after update %d the table holds %d bytes, limit 100000", i, b)
+		}
+	}
+	n, b := tableCounts(t, st, "smtpd")
+	if n != smtpd.entries.Load() || b != smtpd.bytes.Load() || smtpd.count.evictions.Load() == 0 {
+		t.Errorf("counted %d/%d with %d evictions, table %d/%d", smtpd.entries.Load(), smtpd.bytes.Load(), smtpd.count.evictions.Load(), n, b)
+	}
+}
+
+// Off by default: a restart forgets sessions and keys, as Postfix does.
+// With tlsmgr_keep_sessions the unexpired sessions, their counts and the
+// statistics carry on; with tlsmgr_keep_ticket_keys the two keys do.
+func TestKeptAcrossRestart(t *testing.T) {
+	for _, tc := range []struct {
+		keepSessions, keepKeys bool
+	}{{false, false}, {true, false}, {false, true}, {true, true}} {
+		t.Run(fmt.Sprintf("sessions=%v keys=%v", tc.keepSessions, tc.keepKeys), func(t *testing.T) {
+			db := filepath.Join(t.TempDir(), "tlsmgr.sqlite")
+			st := keptStore(t, db, tc.keepSessions, tc.keepKeys, allCaches(3600))
+			st.update(st.caches["smtp"], "dest", testSession(t, "tls12-ticket-sni"))
+			st.lookup(st.caches["smtp"], "dest")
+			cur := &ticketKey{name: [16]byte{1}, bits: [32]byte{2}, hmac: [32]byte{3}, tout: st.now().Unix() + 100}
+			prev := &ticketKey{name: [16]byte{4}, tout: st.now().Unix() - 100}
+			st.saveTicketKeys(cur, prev)
+			if err := st.saveCounters(); err != nil {
+				t.Fatal(err)
+			}
+			st.close()
+
+			st = keptStore(t, db, tc.keepSessions, tc.keepKeys, allCaches(3600))
+			defer st.close()
+			_, status := st.lookup(st.caches["smtp"], "dest")
+			if kept := status == statOK; kept != tc.keepSessions {
+				t.Errorf("session kept: %v", kept)
+			}
+			if hits := st.caches["smtp"].count.hits.Load(); (hits == 2) != tc.keepSessions && (hits == 1) != !tc.keepSessions {
+				t.Errorf("hits after restart: %d", hits)
+			}
+			keys, err := st.loadTicketKeys()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.keepKeys {
+				if len(keys) != 2 || keys[0] != *cur || keys[1].name != prev.name {
+					t.Errorf("kept keys: %d, first %x", len(keys), keys)
+				}
+			} else if len(keys) != 0 {
+				t.Errorf("%d keys kept with tlsmgr_keep_ticket_keys = no", len(keys))
+			}
+			var stored int
+			st.writer.QueryRow("SELECT count(*) FROM ticket_keys").Scan(&stored)
+			if !tc.keepKeys && stored != 0 {
+				t.Errorf("the database still holds %d ticket keys", stored)
+			}
+		})
+	}
+}
+
+// Restored keys follow the T/2 rules as if there had been no restart: a
+// key past tout + H is dropped, one past tout decrypts but does not issue.
+func TestRestoredTicketKeys(t *testing.T) {
+	keys := newTicketKeys(3600, nil)
+	now := keys.now().Unix()
+	keys.restore([]ticketKey{
+		{name: [16]byte{1}, tout: now - 10},   // stopped issuing, still decrypts
+		{name: [16]byte{2}, tout: now - 1800}, // past tout + H
+	})
+	if _, ok := keys.find([]byte{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}); !ok {
+		t.Error("a kept key within tout + H does not decrypt")
+	}
+	if _, ok := keys.find([]byte{2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}); ok {
+		t.Error("a kept key past tout + H decrypts")
+	}
+}
+
+// With keeping on, a damaged database is moved aside with one warning and
+// a new one made: it never stops the daemon.
+func TestKeptDatabaseDamaged(t *testing.T) {
+	for _, tc := range damageKinds {
+		if tc.name == "a directory" {
+			continue // TestDamagedDatabaseAtStart: cannot be removed, caching is off
+		}
+		t.Run(tc.name, func(t *testing.T) {
+			db := filepath.Join(t.TempDir(), "tlsmgr.sqlite")
+			st := keptStore(t, db, true, true, allCaches(3600))
+			fillStore(t, st, 20)
+			st.close()
+			tc.damage(t, db)
+			logged := captureLog(t)
+			st = keptStore(t, db, true, true, allCaches(3600))
+			defer st.close()
+			if st.update(st.caches["smtp"], "new", []byte("x")) != statOK {
+				t.Error("update after the damage")
+			}
+			warnings := strings.Count(logged(), "warning:")
+			_, asideErr := os.Stat(db + ".damaged")
+			if tc.name == "garbage -wal and -shm" { // SQLite ignores a -wal without a valid header
+				if warnings != 0 || asideErr == nil {
+					t.Errorf("a database SQLite can read was set aside:\n%s", logged())
+				}
+				return
+			}
+			if warnings != 1 || !strings.Contains(logged(), "moved it aside to "+db+".damaged") || asideErr != nil {
+				t.Errorf("want one warning and %s.damaged (%v):\n%s", db, asideErr, logged())
+			}
+		})
+	}
+}
