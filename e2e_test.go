@@ -156,6 +156,7 @@ smtp_tls_session_cache_database = %[3]s:${data_directory}/smtp_scache
   -o syslog_name=e2e/notkt -o smtpd_tls_loglevel=2 -o max_use=1 -o tls_ssl_options=NO_TICKET
 127.0.0.1:%[2]d inet n - n - - smtpd
   -o syslog_name=e2e/sink -o content_filter=discard:sink -o smtpd_tls_loglevel=2 -o max_use=1
+  -o tls_server_sni_maps=hash:%[4]s/sni
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -172,7 +173,7 @@ proxywrite unix -       -       n       -       1       proxymap
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
 relay-test unix -       -       n       -       -       smtp
-  -o syslog_name=e2e/relay-test -o smtp_tls_loglevel=2 -o max_use=1
+  -o syslog_name=e2e/relay-test -o smtp_tls_loglevel=2 -o max_use=1 -o smtp_tls_servername=e2e-sink.test
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
@@ -181,7 +182,16 @@ local     unix  -       n       n       -       -       local
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.testPort, p.sinkPort, p.notkPort))
+`, p.testPort, p.sinkPort, p.notkPort, p.etc))
+	// The sink acknowledges SNI e2e-sink.test (tls_server_sni_maps), so
+	// that the smtp client's session records the name.
+	key, _ := os.ReadFile(p.etc + "/key.pem")
+	cert, _ := os.ReadFile(p.etc + "/cert.pem")
+	writeFile(t, p.etc, "sni.pem", string(key)+string(cert))
+	writeFile(t, p.etc, "sni", "e2e-sink.test "+p.etc+"/sni.pem\n")
+	if out, err := run(t, time.Minute, "postmap", "-c", p.etc, "-F", "hash:"+p.etc+"/sni"); err != nil {
+		t.Fatalf("postmap -F: %v %s", err, out)
+	}
 	return p
 }
 
@@ -245,17 +255,7 @@ func (p *postfixInstance) tlsmgrPIDs() []string {
 func (p *postfixInstance) resume(port int, args ...string) (client, server string) {
 	p.t.Helper()
 	sess := filepath.Join(p.dir, fmt.Sprintf("sess-%d", time.Now().UnixNano()))
-	session := func(extra ...string) string {
-		cmd := exec.Command("openssl", append(append([]string{"s_client", "-connect", fmt.Sprintf("127.0.0.1:%d", port),
-			"-starttls", "smtp", "-name", "e2e-client.localdomain", "-ign_eof"}, args...), extra...)...)
-		cmd.Stdin = strings.NewReader("EHLO e2e-client.localdomain\r\nQUIT\r\n")
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		cmd = exec.CommandContext(ctx, cmd.Args[0], cmd.Args[1:]...)
-		cmd.Stdin = strings.NewReader("EHLO e2e-client.localdomain\r\nQUIT\r\n")
-		out, _ := cmd.CombinedOutput()
-		return regexp.MustCompile(`(?m)^(New|Reused), TLSv1\.[23].*$`).FindString(string(out))
-	}
+	session := func(extra ...string) string { return p.handshake(port, slices.Concat(args, extra)...) }
 	off := p.logSize()
 	if first := session("-sess_out", sess); !strings.HasPrefix(first, "New, ") {
 		p.t.Fatalf("first handshake: %q\n%s", first, p.logText()[off:])
@@ -265,6 +265,18 @@ func (p *postfixInstance) resume(port int, args ...string) (client, server strin
 	client = session("-sess_in", sess)
 	server = p.waitLog(off, `smtpd\[\d+\]: .*Reusing old session.*`, 5*time.Second)
 	return client, server
+}
+
+// handshake runs one openssl s_client STARTTLS session and returns its
+// "New, TLSv1.3, Cipher is ..." or "Reused, ..." line.
+func (p *postfixInstance) handshake(port int, args ...string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "openssl", append([]string{"s_client", "-connect", fmt.Sprintf("127.0.0.1:%d", port),
+		"-starttls", "smtp", "-name", "e2e-client.localdomain", "-ign_eof"}, args...)...)
+	cmd.Stdin = strings.NewReader("EHLO e2e-client.localdomain\r\nQUIT\r\n")
+	out, _ := cmd.CombinedOutput()
+	return regexp.MustCompile(`(?m)^(New|Reused), TLSv1\.[23].*$`).FindString(string(out))
 }
 
 func TestEndToEndWithPostfix(t *testing.T) {
@@ -341,8 +353,12 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		{"TLS 1.3 by ticket", "TLSv1.3", func() int { return p.testPort }, []string{"-tls1_3"}, true},
 		{"TLS 1.3 by session ID through the smtpd cache", "TLSv1.3", func() int { return p.notkPort }, []string{"-tls1_3"}, false},
 	}
+	var byID []string // what openssl s_client reported for sessions that smtpd cached
 	checkResumption := func(t *testing.T, proto string, port int, args []string, ticket bool) {
 		client, server := p.resume(port, args...)
+		if !ticket {
+			byID = append(byID, client)
+		}
 		if !strings.HasPrefix(client, "Reused, "+proto) {
 			t.Errorf("client: %q, want Reused, %s", client, proto)
 		}
@@ -381,6 +397,10 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		}
 	})
 
+	t.Run("SQL shows the sessions and counters of what Postfix did", func(t *testing.T) {
+		p.checkReadableCaches(t, byID)
+	})
+
 	t.Run("postfix reload: a new tlsmgr serves and resumption works", func(t *testing.T) {
 		p.postfix("reload")
 		deadline := time.Now().Add(10 * time.Second)
@@ -395,6 +415,17 @@ func TestEndToEndWithPostfix(t *testing.T) {
 		}
 		if now := p.tlsmgrPIDs(); len(now) != 1 || now[0] == firstPID {
 			t.Errorf("tlsmgr processes after reload: %v (before: %s)", now, firstPID)
+		}
+	})
+
+	t.Run("postfix reload forgets ticket keys by default, as Postfix does", func(t *testing.T) {
+		if p.ticketAcrossReload(t, false) {
+			t.Error("a TLS 1.3 ticket from before the reload resumed with tlsmgr_keep_ticket_keys = no")
+		}
+	})
+	t.Run("with tlsmgr_keep_ticket_keys a TLS 1.3 ticket resumes after postfix reload", func(t *testing.T) {
+		if !p.ticketAcrossReload(t, true) {
+			t.Error("a TLS 1.3 ticket from before the reload did not resume with tlsmgr_keep_ticket_keys = yes")
 		}
 	})
 
