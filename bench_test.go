@@ -13,7 +13,7 @@ import (
 func BenchmarkRequests(b *testing.B) {
 	s := startServer(b, allCaches(3600))
 	c := dial(b, s.sock)
-	session := b64(strings.Repeat("s", 2000))                       // opaque: the columns stay NULL
+	session := b64(strings.Repeat("s", 2000))                  // opaque: the columns stay NULL
 	openssl := b64(string(testSession(b, "tls12-ticket-sni"))) // decoded, peer certificate and all
 	for i := range 1000 {
 		if got := c.req("request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i), "session", session); got != "status=0" {
