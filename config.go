@@ -11,8 +11,10 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -112,12 +114,13 @@ func defaultHostname() string {
 // specific down: -o overrides, TOML overlay, main.cf, built-in overrides of
 // the mode (standalone), then the Postfix defaults above.
 type config struct {
-	file      string            // main.cf path, for messages
-	mainCF    map[string]string // from main.cf
-	overlay   map[string]string // from the TOML file
-	overrides map[string]string // from -o name=value
-	builtin   map[string]string // mode defaults that replace Postfix's (standalone)
-	always    map[string]string // process_name, process_id, service_name, config_directory
+	file        string            // main.cf path, for messages
+	mainCF      map[string]string // from main.cf
+	overlay     map[string]string // from the TOML file
+	overlayFile string            // its path, for messages
+	overrides   map[string]string // from -o name=value
+	builtin     map[string]string // mode defaults that replace Postfix's (standalone)
+	always      map[string]string // process_name, process_id, service_name, config_directory
 }
 
 func newConfig() *config {
@@ -232,6 +235,9 @@ func (c *config) setOverride(arg string) error {
 	if err != nil {
 		return fmt.Errorf("invalid \"-o %s\" option value: %v (use -o name=value)", arg, err)
 	}
+	if _, known := params[name]; !known {
+		return fmt.Errorf("invalid \"-o %s\" option: %v", arg, unknownParam(name))
+	}
 	c.overrides[name] = value
 	return nil
 }
@@ -241,18 +247,24 @@ func (c *config) setOverride(arg string) error {
 func (c *config) readTOML(path string) error {
 	var doc map[string]any
 	md, err := toml.DecodeFile(path, &doc)
+	var parseErr toml.ParseError
+	if errors.As(err, &parseErr) {
+		return fmt.Errorf("TOML file %s, line %d: %s", path, parseErr.Position.Line, parseErr.Message)
+	}
 	if err != nil {
 		return fmt.Errorf("TOML file %s: %v", path, err)
 	}
-	keys := md.Keys()
-	for _, k := range keys {
+	c.overlayFile = path
+	text, _ := os.ReadFile(path)
+	for _, k := range md.Keys() {
 		name := k.String()
+		at := fmt.Sprintf("TOML file %s, line %d", path, tomlKeyLine(string(text), k[0]))
 		if _, isTable := doc[k[0]].(map[string]any); len(k) != 1 || isTable {
-			return fmt.Errorf("TOML file %s: key %s: tables are not used; write parameters at the top level", path, name)
+			return fmt.Errorf("%s: key %s: tables are not used; write parameters at the top level", at, name)
 		}
 		spec, known := params[name]
 		if !known {
-			return fmt.Errorf("TOML file %s: unknown parameter %q; allowed: the parameters in tlsmgr.toml.example", path, name)
+			return fmt.Errorf("%s: %v", at, unknownParam(name))
 		}
 		if b, ok := doc[name].(bool); ok && spec.kind == kindBool {
 			c.overlay[name] = map[bool]string{true: "yes", false: "no"}[b]
@@ -263,27 +275,125 @@ func (c *config) readTOML(path string) error {
 			c.overlay[name] = v
 		case int64:
 			if spec.kind == kindString || spec.kind == kindBool {
-				return fmt.Errorf("TOML file %s: parameter %s = %d: want a string in quotes%s", path, name, v,
+				return fmt.Errorf("%s: parameter %s = %d: want a string in quotes%s", at, name, v,
 					map[bool]string{true: " or true/false", false: ""}[spec.kind == kindBool])
 			}
 			c.overlay[name] = strconv.FormatInt(v, 10)
 		default:
-			return fmt.Errorf("TOML file %s: parameter %s = %v: wrong type %s; want a string%s", path, name, v, md.Type(name),
+			return fmt.Errorf("%s: parameter %s = %v: wrong type %s; want a string%s", at, name, v, md.Type(name),
 				map[bool]string{true: " or an integer", false: ""}[spec.kind != kindString])
 		}
 	}
 	return nil
 }
 
-// validate checks every numeric and time parameter; the first bad one stops
-// start-up with Postfix's message.
-func (c *config) validate() error {
+// tomlKeyLine finds the line where a top-level key is set (the TOML
+// decoder does not say); 0 when it cannot tell.
+func tomlKeyLine(text, key string) int {
+	re := regexp.MustCompile(`^\s*(` + regexp.QuoteMeta(key) + `|"` + regexp.QuoteMeta(key) + `")\s*[=.]`)
+	for i, line := range strings.Split(text, "\n") {
+		if re.MatchString(line) {
+			return i + 1
+		}
+	}
+	return 0
+}
+
+// unknownParam is the error for a name tlsmgr does not read, in TOML or
+// -o alike, with the nearest name it does read.
+func unknownParam(name string) error {
+	hint := ""
+	if near := nearestParam(name); near != "" {
+		hint = fmt.Sprintf("; did you mean %q?", near)
+	}
+	return fmt.Errorf("unknown parameter %q%s (tlsmgr -d lists every parameter it reads)", name, hint)
+}
+
+// nearestParam is the known name with the smallest edit distance, if it
+// is close enough to be a typo.
+func nearestParam(name string) string {
+	best, bestDist := "", len(name)/3+2
+	for known := range params {
+		if d := editDistance(name, known); d < bestDist || (d == bestDist && best != "" && known < best) {
+			best, bestDist = known, d
+		}
+	}
+	return best
+}
+
+// editDistance is Levenshtein's, over bytes (parameter names are ASCII).
+func editDistance(a, b string) int {
+	prev, cur := make([]int, len(b)+1), make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// source says where a parameter's value comes from.
+func (c *config) source(name string) string {
+	switch {
+	case hasKey(c.overrides, name):
+		return "-o"
+	case hasKey(c.overlay, name):
+		return c.overlayFile
+	case hasKey(c.mainCF, name):
+		return c.file
+	case hasKey(c.builtin, name):
+		return "standalone default"
+	}
+	return "default"
+}
+
+func hasKey(m map[string]string, k string) bool { _, ok := m[k]; return ok }
+
+// printNonDefault is tlsmgr -n, like postconf -n: every parameter tlsmgr
+// reads that is set somewhere, with where, as name = value (unexpanded).
+func (c *config) printNonDefault(w io.Writer) {
+	for _, name := range sortedParams() {
+		if src := c.source(name); src != "default" {
+			v, _ := c.raw(name)
+			fmt.Fprintf(w, "%s = %s\t# %s\n", name, v, src)
+		}
+	}
+}
+
+// printDefaults is tlsmgr -d, like postconf -d: every parameter tlsmgr
+// reads, with Postfix's default (ours are marked).
+func printDefaults(w io.Writer) {
+	for _, name := range sortedParams() {
+		mark := ""
+		if strings.HasPrefix(name, "tlsmgr_") && name != "tlsmgr_service_name" {
+			mark = "\t# tlsmgr's own"
+		}
+		fmt.Fprintf(w, "%s = %s%s\n", name, params[name].def, mark)
+	}
+}
+
+func sortedParams() []string {
 	names := make([]string, 0, len(params))
 	for n := range params {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	for _, n := range names {
+	return names
+}
+
+// validate checks every numeric and time parameter; the first bad one stops
+// start-up with Postfix's message.
+func (c *config) validate() error {
+	for _, n := range sortedParams() {
 		if params[n].kind == kindBool {
 			if _, err := c.boolean(n); err != nil {
 				return err

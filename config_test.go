@@ -2,7 +2,9 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -192,11 +194,15 @@ func TestTOMLOverlay(t *testing.T) {
 		}
 	}
 	for _, tc := range []struct{ content, want string }{
-		{"smtpd_tls_session_cache_timout = 10\n", `unknown parameter "smtpd_tls_session_cache_timout"`},
-		{"tls_random_source = 5\n", "parameter tls_random_source = 5: want a string in quotes"},
+		{"# a comment\n\nsmtpd_tls_session_cache_timout = 10\n",
+			`bad.toml, line 3: unknown parameter "smtpd_tls_session_cache_timout"; did you mean "smtpd_tls_session_cache_timeout"?`},
+		{"tlsmgr_keep_sesions = true\n", `line 1: unknown parameter "tlsmgr_keep_sesions"; did you mean "tlsmgr_keep_sessions"?`},
+		{"completely_unrelated_name = 1\n", `unknown parameter "completely_unrelated_name" (tlsmgr -d lists every parameter it reads)`},
+		{"tls_random_source = 5\n", "line 1: parameter tls_random_source = 5: want a string in quotes"},
 		{"tls_random_bytes = true\n", "parameter tls_random_bytes = true: wrong type Bool; want a string or an integer"},
+		{"tlsmgr_keep_sessions = 1\n", "parameter tlsmgr_keep_sessions = 1: want a string in quotes or true/false"},
 		{"[section]\nx = 1\n", "tables are not used"},
-		{"tls_random_bytes = \n", "TOML file"},
+		{"tls_random_bytes = 1\ntls_random_bytes = \n", "bad.toml, line 2: "},
 	} {
 		err := newConfig().readTOML(writeFile(t, dir, "bad.toml", tc.content))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -205,6 +211,40 @@ func TestTOMLOverlay(t *testing.T) {
 	}
 	if err := c.setOverride("novalue"); err == nil || !strings.Contains(err.Error(), "missing '='") {
 		t.Errorf("-o novalue: %v", err)
+	}
+	// An unknown -o name is refused as an unknown TOML key is.
+	if err := c.setOverride("tlsmgr_max_conections=5"); err == nil ||
+		!strings.Contains(err.Error(), `invalid "-o tlsmgr_max_conections=5" option: unknown parameter "tlsmgr_max_conections"; did you mean "tlsmgr_max_connections"?`) {
+		t.Errorf("-o with a misspelt name: %v", err)
+	}
+}
+
+// tlsmgr -n shows what is set and where; tlsmgr -d every default, ours marked.
+func TestShowConfig(t *testing.T) {
+	bin := tlsmgrBinary(t)
+	dir := t.TempDir()
+	writeFile(t, dir, "main.cf", "myhostname = mx.example\nsmtpd_tls_session_cache_timeout = 2h\nunrelated = 1\n")
+	writeFile(t, dir, "tlsmgr.toml", "tlsmgr_keep_ticket_keys = true\nsmtpd_tls_session_cache_timeout = \"3h\"\n")
+	out, err := exec.Command(bin, "-n", "-mailconfig", dir, "-o", "tlsmgr_max_connections=5").CombinedOutput()
+	want := "myhostname = mx.example\t# " + dir + "/main.cf\n" +
+		"smtpd_tls_session_cache_timeout = 3h\t# " + dir + "/tlsmgr.toml\n" +
+		"tlsmgr_keep_ticket_keys = yes\t# " + dir + "/tlsmgr.toml\n" +
+		"tlsmgr_max_connections = 5\t# -o\n"
+	if err != nil || string(out) != want {
+		t.Errorf("tlsmgr -n: %v\n%s\nwant\n%s", err, out, want)
+	}
+	out, err = exec.Command(bin, "-d").CombinedOutput()
+	for _, line := range []string{"smtpd_tls_session_cache_timeout = 3600s\n", "tlsmgr_keep_sessions = no\t# tlsmgr's own\n", "tls_random_exchange_name = ${data_directory}/prng_exch\n"} {
+		if err != nil || !strings.Contains(string(out), line) {
+			t.Errorf("tlsmgr -d lacks %q: %v\n%s", line, err, out)
+		}
+	}
+	if n := strings.Count(string(out), "\n"); n != len(params) {
+		t.Errorf("tlsmgr -d: %d lines for %d parameters", n, len(params))
+	}
+	out, err = exec.Command(bin, "-version").CombinedOutput()
+	if err != nil || !regexp.MustCompile(`^tlsmgr \S+ \(commit \S+, go1\.\d+.*, linux/\w+\)\n$`).Match(out) {
+		t.Errorf("tlsmgr -version: %v %q", err, out)
 	}
 }
 

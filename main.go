@@ -14,6 +14,8 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,9 +35,14 @@ Run it by hand, without Postfix, on a local socket and database:
 	  asks ./tlsmgr.sock for 32 random bytes (also: policy smtpd,
 	  lookup smtp ID, update smtp ID TEXT, delete smtp ID, tktkey [HEXNAME])
 
-Under Postfix, master(8) runs it from master.cf, exactly like the original:
+Under Postfix, master(8) runs it from master.cf: Debian's stock line with
+only the command changed to the name it is installed under (make install,
+or the .deb, put it in daemon_directory as tlsmgr-sqlite):
 
-	tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+	tlsmgr    unix  -       -       y       1000?   1       tlsmgr-sqlite
+
+See what it reads: tlsmgr -n (set, and where), tlsmgr -d (defaults),
+tlsmgr -version; man tlsmgr-sqlite.
 
 Flags of the standalone and query modes:
 `
@@ -43,8 +50,16 @@ Flags of the standalone and query modes:
 // cacheLabels are Postfix's three caches, in the order tlsmgr opens them.
 var cacheLabels = []string{"smtpd", "smtp", "lmtp"}
 
+// version is the release; packagers may set it, and commit, with
+// -ldflags "-X main.version=... -X main.commit=...".
+var version, commit = "0.9.0", ""
+
 func main() {
 	args := os.Args[1:]
+	if len(args) > 0 && (args[0] == "-n" || args[0] == "-d") && (len(args) == 1 || strings.HasPrefix(args[1], "-")) {
+		// Not master's -n SERVICE: master always gives it a name.
+		os.Exit(runShowConfig(args[0] == "-d", args[1:]))
+	}
 	if len(args) > 0 && isStandaloneFlag(args[0]) {
 		runStandalone(args)
 		return
@@ -55,7 +70,7 @@ func main() {
 // isStandaloneFlag tells our long flags from Postfix's one-letter options.
 func isStandaloneFlag(a string) bool {
 	switch strings.TrimLeft(a, "-") {
-	case "listen", "query", "stats", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
+	case "listen", "query", "stats", "version", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
 		return strings.HasPrefix(a, "-")
 	}
 	return strings.HasPrefix(a, "--")
@@ -90,6 +105,7 @@ func runUnderMaster(args []string) {
 	cfg.always = map[string]string{"process_name": processName, "process_id": strconv.Itoa(os.Getpid()),
 		"service_name": serviceName, "config_directory": configDir}
 	logs := setupLogging(cfg, processName, opts.stderr, false, logSetup{})
+	msg.debug("%s", versionString())
 
 	// 3. Everything that can be wrong from here on lands in the mail log:
 	// options, tlsmgr.toml, -o, then every value (main.cf < TOML < -o).
@@ -195,6 +211,7 @@ func runStandalone(args []string) {
 	repeat := fs.Int("repeat", 1, "with -query: send the request this many `times` on one connection")
 	raw := fs.Bool("raw", false, "with -query: write the decoded payload bytes to stdout instead of text")
 	verbose := fs.Bool("v", false, "verbose logging")
+	showVersion := fs.Bool("version", false, "print the version, commit and Go version, and exit")
 	var overrides []string
 	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
 		overrides = append(overrides, v)
@@ -205,6 +222,10 @@ func runStandalone(args []string) {
 		fs.PrintDefaults()
 	}
 	fs.Parse(args)
+	if *showVersion {
+		fmt.Println(versionString())
+		os.Exit(0)
+	}
 	if *query {
 		os.Exit(runQuery(*socket, fs.Args(), *repeat, *raw))
 	}
@@ -284,7 +305,78 @@ func standaloneConfig(dataDir, mailConfig, tomlFile string, overrides []string, 
 	if err := cfg.validate(); err != nil {
 		msg.fatal("%v", err)
 	}
+	msg.debug("%s", versionString())
 	return cfg
+}
+
+// versionString is what -version prints and -v logs at start.
+func versionString() string {
+	rev, goVersion, dirty := commit, runtime.Version(), ""
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			switch {
+			case s.Key == "vcs.revision" && rev == "":
+				rev = s.Value
+			case s.Key == "vcs.modified" && s.Value == "true" && commit == "":
+				dirty = "+modified"
+			}
+		}
+	}
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	if rev == "" {
+		rev = "unknown"
+	}
+	return fmt.Sprintf("tlsmgr %s (commit %s%s, %s, %s/%s)", version, rev, dirty, goVersion, runtime.GOOS, runtime.GOARCH)
+}
+
+// runShowConfig is tlsmgr -n and tlsmgr -d: like postconf -n and -d, for
+// the parameters tlsmgr reads, from main.cf in -mailconfig (default
+// $MAIL_CONFIG or /etc/postfix), tlsmgr.toml beside it, and -o.
+func runShowConfig(defaults bool, args []string) int {
+	name := map[bool]string{true: "-d", false: "-n"}[defaults]
+	fs := flag.NewFlagSet("tlsmgr "+name, flag.ExitOnError)
+	dir := os.Getenv("MAIL_CONFIG")
+	if dir == "" {
+		dir = "/etc/postfix"
+	}
+	mailConfig := fs.String("mailconfig", dir, "Postfix config `directory` whose main.cf and tlsmgr.toml to read")
+	tomlFile := fs.String("config", "", "TOML `file` (default: tlsmgr.toml in -mailconfig, when it exists)")
+	var overrides []string
+	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
+		overrides = append(overrides, v)
+		return nil
+	})
+	fs.Parse(args)
+	if defaults {
+		printDefaults(os.Stdout)
+		return 0
+	}
+	cfg := newConfig()
+	if err := cfg.readMainCF(mainCFPath(*mailConfig), msg.warn); err != nil {
+		msg.fatal("%v", err)
+	}
+	if *tomlFile == "" {
+		if t := filepath.Join(*mailConfig, "tlsmgr.toml"); fileExists(t) {
+			*tomlFile = t
+		}
+	}
+	if *tomlFile != "" {
+		if err := cfg.readTOML(*tomlFile); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	for _, o := range overrides {
+		if err := cfg.setOverride(o); err != nil {
+			msg.fatal("%v", err)
+		}
+	}
+	if err := cfg.validate(); err != nil {
+		msg.fatal("%v", err)
+	}
+	cfg.printNonDefault(os.Stdout)
+	return 0
 }
 
 // runStats is tlsmgr -stats: it reads the database read-only, as root or

@@ -428,20 +428,27 @@ func TestStandaloneAndQuery(t *testing.T) {
 		t.Fatalf("query %v never succeeded; server log:\n%s", args, stderr.String())
 		return ""
 	}
-	if out := query("seed", "16"); !strings.HasPrefix(out, "status=0\nseed=") || !strings.Contains(out, "(16 bytes)") {
+	if out := query("seed", "16"); !strings.HasPrefix(out, "status=0 (ok)\nseed=") || !strings.Contains(out, "(16 bytes)") {
 		t.Errorf("seed: %q", out)
 	}
 	for _, cache := range []string{"smtpd", "smtp", "lmtp"} {
-		if out := query("policy", cache); out != "status=0\ncachable=1\ntimeout=3600\n" {
+		if out := query("policy", cache); out != "status=0 (ok)\ncachable=1\ntimeout=3600\n" {
 			t.Errorf("policy %s: %q", cache, out)
 		}
 	}
 	query("update", "lmtp", "id1", "hello")
-	if out := query("lookup", "lmtp", "id1"); out != "status=0\nsession=68656c6c6f (5 bytes)\n" {
+	if out := query("lookup", "lmtp", "id1"); out != "status=0 (found)\nsession=68656c6c6f (5 bytes)\n" {
 		t.Errorf("lookup: %q", out)
 	}
-	if out := query("tktkey"); !strings.HasPrefix(out, "status=0\nkeybuf: name=") {
+	if out := query("tktkey"); !strings.HasPrefix(out, "status=0 (ok)\nkeybuf: name=") {
 		t.Errorf("tktkey: %q", out)
+	}
+	// A miss and a FAIL say what they mean, not only a number.
+	if out := query("lookup", "lmtp", "absent"); out != "status=-1 (not found: no such entry, or it expired)\nsession= (0 bytes)\n" {
+		t.Errorf("lookup miss: %q", out)
+	}
+	if out := query("seed", "300"); !strings.HasPrefix(out, "status=-2 (FAIL: the size must be 1-255)\n") {
+		t.Errorf("seed 300: %q", out)
 	}
 	raw, err := exec.Command(tlsmgrBinary(t), "-query", "-socket", sock, "-raw", "-repeat", "100", "seed", "255").Output()
 	if err != nil || len(raw) != 25500 {

@@ -116,9 +116,9 @@ func runQuery(socket string, args []string, repeat int, raw bool) int {
 		for _, kv := range reply {
 			switch {
 			case !raw:
-				fmt.Fprintln(out, describeAttr(kv[0], kv[1]))
+				fmt.Fprintln(out, describeAttr(req, kv[0], kv[1]))
 			case kv[0] == "status" && kv[1] != "0":
-				fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: %s\n", describeAttr(kv[0], kv[1]))
+				fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: %s\n", describeAttr(req, kv[0], kv[1]))
 				return 1
 			case kv[0] != "status":
 				b, _ := base64.StdEncoding.DecodeString(kv[1])
@@ -149,11 +149,24 @@ func readList(r *attrReader) ([][2]string, error) {
 	}
 }
 
-// describeAttr prints statuses signed and binary values in hex.
-func describeAttr(name, value string) string {
+// statusWords say what a status means for each request.
+var statusWords = map[string]map[int32]string{
+	"seed":   {statOK: "ok", statErr: "the PRNG failed", statFail: "FAIL: the size must be 1-255"},
+	"policy": {statOK: "ok", statFail: "FAIL: unknown cache type"},
+	"lookup": {statOK: "found", statErr: "not found: no such entry, or it expired", statFail: "FAIL: unknown cache type, or that cache is off"},
+	"update": {statOK: "stored", statErr: "not stored: the server's log says why", statFail: "FAIL: unknown cache type, or that cache is off"},
+	"delete": {statOK: "deleted", statErr: "not found", statFail: "FAIL: unknown cache type, or that cache is off"},
+	"tktkey": {statOK: "ok", statErr: "no usable key: unknown or expired name, or ticket keys are off (smtpd_tls_session_cache_timeout = 0)", statFail: "FAIL: the key name must be 16 bytes"},
+}
+
+// describeAttr prints statuses signed and in words, and binary values in hex.
+func describeAttr(req, name, value string) string {
 	switch name {
 	case "status":
 		if n, err := strconv.ParseUint(value, 10, 32); err == nil {
+			if words, ok := statusWords[req][int32(n)]; ok {
+				return fmt.Sprintf("status=%d (%s)", int32(n), words)
+			}
 			return fmt.Sprintf("status=%d", int32(n))
 		}
 	case "seed", "session", "keybuf":
