@@ -102,10 +102,15 @@ var params = map[string]paramSpec{
 	"tlsmgr_statistics_log_period": {kindTime, "0s", 0, 0},
 }
 
+// defaultHostname is Postfix's myhostname default: the host name, with
+// $mydomain (or localdomain) added when it has no dot.
 func defaultHostname() string {
 	h, err := os.Hostname()
 	if err != nil || h == "" {
-		return "localhost"
+		h = "localhost"
+	}
+	if !strings.Contains(h, ".") {
+		h += ".${mydomain?{$mydomain}:{localdomain}}"
 	}
 	return h
 }
@@ -160,7 +165,7 @@ func (c *config) str(name string) (string, error) {
 func (c *config) readMainCF(path string, warn func(string, ...any)) error {
 	f, err := os.Open(path)
 	if err != nil {
-		return fmt.Errorf("open %s: %v", path, err)
+		return fmt.Errorf("open %s: %s", path, errText(err))
 	}
 	defer f.Close()
 	c.file = path

@@ -316,3 +316,16 @@ func TestDataRedirect(t *testing.T) {
 		t.Errorf("standalone (no mail_owner) redirected to %s", got)
 	}
 }
+
+// The man page documents every parameter tlsmgr reads.
+func TestManPageListsEveryParameter(t *testing.T) {
+	text, err := os.ReadFile("tlsmgr.8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range params {
+		if !strings.Contains(string(text), name) {
+			t.Errorf("tlsmgr.8 does not mention %s", name)
+		}
+	}
+}

@@ -372,7 +372,7 @@ func (p *postfixInstance) badTOMLIsLogged(t *testing.T) {
 	p.postfix("start")
 	defer p.postfix("stop")
 	go ask(p.tlsmgrSocket(), "request", "seed", "size", "32") // master starts tlsmgr for it
-	re := `e2e/tlsmgr\[\d+\]: fatal: TOML file ` + regexp.QuoteMeta(toml) + `: .*`
+	re := `e2e/tlsmgr\[\d+\]: fatal: TOML file ` + regexp.QuoteMeta(toml) + `, line 2: .*`
 	if line := p.waitLog(off, re, 10*time.Second); line == "" {
 		t.Errorf("no %s in the mail log:\n%s", re, p.logText()[off:])
 	}

@@ -297,7 +297,7 @@ func TestStartupFatals(t *testing.T) {
 		{"bad -o syntax", "", []string{"-l", "-t", "unix", "-d", "-o", "novalue"},
 			`fatal: invalid "-o novalue" option value: missing '=' after attribute name`},
 		{"bad tlsmgr.toml", "TOML=this is not TOML\n", []string{"-l", "-t", "unix", "-d"},
-			"fatal: TOML file DIR/tlsmgr.toml: toml: line 1"},
+			"fatal: TOML file DIR/tlsmgr.toml, line 1: "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -765,7 +765,7 @@ func everyRequestKeepsWorkingOnAFullDisk(t *testing.T, c *client) {
 func TestFatalsReachMailLog(t *testing.T) {
 	for _, tc := range []struct{ name, toml, option, want string }{
 		{"toml value", "tlsmgr_max_connections = \"many\"\n", "", "fatal: bad numerical configuration: tlsmgr_max_connections = many"},
-		{"toml syntax", "this is not TOML\n", "", "fatal: TOML file " + "DIR/tlsmgr.toml: toml: line 1"},
+		{"toml syntax", "this is not TOML\n", "", "fatal: TOML file " + "DIR/tlsmgr.toml, line 1: "},
 		{"unknown option", "", "-q", "fatal: invalid option: q"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
