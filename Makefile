@@ -7,6 +7,7 @@
 #   make uninstall          removes what install put there
 #   make deb                a Debian package, built offline with dpkg-deb
 #   make lint               the man page through groff -ww
+#   make daemon-dir         where install puts the binary
 #
 # Offline builds (make deb does one): Go takes modules from vendor/ when it
 # exists (make vendor), or else from the module cache (go mod download
@@ -17,7 +18,8 @@ COMMIT     ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 NAME       ?= tlsmgr-sqlite
 PREFIX     ?= /usr/local
 DESTDIR    ?=
-DAEMON_DIR ?= $(shell postconf -h daemon_directory 2>/dev/null || echo /usr/lib/postfix/sbin)
+# main.cf's daemon_directory; Postfix's built-in one when there is no main.cf yet.
+DAEMON_DIR ?= $(shell postconf -h daemon_directory 2>/dev/null || postconf -dh daemon_directory 2>/dev/null || echo /usr/lib/postfix/sbin)
 MANDIR     ?= $(PREFIX)/share/man/man8
 DOCDIR     ?= $(PREFIX)/share/doc/$(NAME)
 GO         ?= go
@@ -30,7 +32,7 @@ BUILDFLAGS := -trimpath -buildvcs=false \
 	-ldflags "-s -w -buildid= -X main.version=$(VERSION) -X main.commit=$(COMMIT)"
 SOURCES    := $(wildcard *.go) schema.sql go.mod go.sum
 
-.PHONY: all build check install uninstall deb lint vendor clean
+.PHONY: all build check install uninstall deb lint vendor clean daemon-dir
 
 all: build
 
@@ -55,6 +57,9 @@ uninstall:
 
 lint:
 	groff -ww -z -man tlsmgr.8
+
+daemon-dir:
+	@echo $(DAEMON_DIR)
 
 vendor:
 	$(GO) mod vendor
