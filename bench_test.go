@@ -47,3 +47,15 @@ func BenchmarkRequests(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkDecodeBase64 is the update path's decoding of a 2000-byte session.
+func BenchmarkDecodeBase64(b *testing.B) {
+	in := []byte(b64(strings.Repeat("s", 2000)))
+	b.ReportAllocs()
+	b.SetBytes(int64(len(in)))
+	for b.Loop() {
+		if _, ok := decodeBase64(in); !ok {
+			b.Fatal("not decoded")
+		}
+	}
+}

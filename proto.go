@@ -157,6 +157,15 @@ func decodeBase64(b []byte) ([]byte, bool) {
 	if len(b)%4 != 0 {
 		return nil, false
 	}
+	// Fast path: well-formed base64, which is what Postfix sends. The
+	// standard decoder skips \r and \n, which Postfix refuses, so input
+	// with either takes the careful path below.
+	if bytes.IndexByte(b, '\n') < 0 && bytes.IndexByte(b, '\r') < 0 {
+		out := make([]byte, base64.StdEncoding.DecodedLen(len(b)))
+		if n, err := base64.StdEncoding.Decode(out, b); err == nil {
+			return out[:n], true
+		}
+	}
 	end := len(b)
 	for q := 0; q < len(b); q += 4 {
 		for k := 0; k < 4; k++ {
@@ -174,11 +183,12 @@ func decodeBase64(b []byte) ([]byte, bool) {
 		}
 	}
 decode:
-	out, err := base64.RawStdEncoding.DecodeString(string(b[:end]))
+	out := make([]byte, base64.RawStdEncoding.DecodedLen(end))
+	n, err := base64.RawStdEncoding.Decode(out, b[:end])
 	if err != nil {
 		return nil, false
 	}
-	return out, true
+	return out[:n], true
 }
 
 // attrWriter builds one reply in memory; it goes out in one write.

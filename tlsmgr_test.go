@@ -587,6 +587,8 @@ func TestBase64LikePostfix(t *testing.T) {
 		{"aG=s", "h", true},                // '=' in the third place ends it too
 		{"aGVsbB==", "hell", true},         // non-zero padding bits are tolerated
 		{"aGV", "", false}, {"a===", "", false}, {"aGV*", "", false},
+		{"aGV\nbG8=", "", false}, {"aGVs\r\nbG8=", "", false}, // line breaks are not base64 to Postfix
+		{"aGVsbG8hIQ==", "hello!!", true}, {"AAEC", "\x00\x01\x02", true},
 	} {
 		got, ok := decodeBase64([]byte(tc.in))
 		if ok != tc.ok || (ok && string(got) != tc.want) {
