@@ -292,6 +292,22 @@ func (c *config) readTOML(path string) error {
 	return nil
 }
 
+// applyOverlays applies tlsmgr.toml (when named) and then the -o overrides, in
+// that order of precedence, on top of main.cf.
+func (c *config) applyOverlays(tomlFile string, overrides []string) error {
+	if tomlFile != "" {
+		if err := c.readTOML(tomlFile); err != nil {
+			return err
+		}
+	}
+	for _, o := range overrides {
+		if err := c.setOverride(o); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // tomlKeyLine finds the line where a top-level key is set (the TOML
 // decoder does not say); 0 when it cannot tell.
 func tomlKeyLine(text, key string) int {

@@ -112,15 +112,12 @@ func runUnderMaster(args []string) {
 	if optErr != nil {
 		msg.fatal("%v", optErr)
 	}
-	if toml := filepath.Join(configDir, "tlsmgr.toml"); fileExists(toml) {
-		if err := cfg.readTOML(toml); err != nil {
-			msg.fatal("%v", err)
-		}
+	toml := filepath.Join(configDir, "tlsmgr.toml")
+	if !fileExists(toml) {
+		toml = ""
 	}
-	for _, o := range opts.overrides {
-		if err := cfg.setOverride(o); err != nil {
-			msg.fatal("%v", err)
-		}
+	if err := cfg.applyOverlays(toml, opts.overrides); err != nil {
+		msg.fatal("%v", err)
 	}
 	setupLogging(cfg, processName, opts.stderr, false, logs) // a TOML or -o logging parameter
 	if !opts.debugMode && !opts.stdinStream && isTerminal(0) {
@@ -212,11 +209,7 @@ func runStandalone(args []string) {
 	raw := fs.Bool("raw", false, "with -query: write the decoded payload bytes to stdout instead of text")
 	verbose := fs.Bool("v", false, "verbose logging")
 	showVersion := fs.Bool("version", false, "print the version, commit and Go version, and exit")
-	var overrides []string
-	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
-		overrides = append(overrides, v)
-		return nil
-	})
+	overrides := overrideFlag(fs)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
@@ -232,7 +225,7 @@ func runStandalone(args []string) {
 	if *stats {
 		dataSet := false
 		fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "data" })
-		cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, overrides, dataSet || *mailConfig == "")
+		cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, *overrides, dataSet || *mailConfig == "")
 		os.Exit(runStats(cfg.mustStr("tlsmgr_database")))
 	}
 	if *listen == "" {
@@ -251,7 +244,7 @@ func runStandalone(args []string) {
 	if err := os.MkdirAll(*dataDir, 0700); err != nil {
 		msg.fatal("cannot create data directory %s: %s", *dataDir, errText(err))
 	}
-	cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, overrides, true)
+	cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, *overrides, true)
 	d := openDaemon(cfg, standaloneOwner(cfg), true)
 	ln, err := listenUnix(*listen)
 	if err != nil {
@@ -291,15 +284,8 @@ func standaloneConfig(dataDir, mailConfig, tomlFile string, overrides []string, 
 	}
 	cfg.always = map[string]string{"process_name": "tlsmgr", "process_id": strconv.Itoa(os.Getpid()),
 		"service_name": "tlsmgr", "config_directory": mailConfig}
-	if tomlFile != "" {
-		if err := cfg.readTOML(tomlFile); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
-	for _, o := range overrides {
-		if err := cfg.setOverride(o); err != nil {
-			msg.fatal("%v", err)
-		}
+	if err := cfg.applyOverlays(tomlFile, overrides); err != nil {
+		msg.fatal("%v", err)
 	}
 	setupLogging(cfg, "tlsmgr", true, true, logSetup{})
 	if err := cfg.validate(); err != nil {
@@ -307,6 +293,16 @@ func standaloneConfig(dataDir, mailConfig, tomlFile string, overrides []string, 
 	}
 	msg.debug("%s", versionString())
 	return cfg
+}
+
+// overrideFlag is -o name=value, repeatable, as in master.cf.
+func overrideFlag(fs *flag.FlagSet) *[]string {
+	var overrides []string
+	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
+		overrides = append(overrides, v)
+		return nil
+	})
+	return &overrides
 }
 
 // versionString is what -version prints and -v logs at start.
@@ -343,11 +339,7 @@ func runShowConfig(defaults bool, args []string) int {
 	}
 	mailConfig := fs.String("mailconfig", dir, "Postfix config `directory` whose main.cf and tlsmgr.toml to read")
 	tomlFile := fs.String("config", "", "TOML `file` (default: tlsmgr.toml in -mailconfig, when it exists)")
-	var overrides []string
-	fs.Func("o", "override a parameter: -o `name=value` (repeatable)", func(v string) error {
-		overrides = append(overrides, v)
-		return nil
-	})
+	overrides := overrideFlag(fs)
 	fs.Parse(args)
 	if defaults {
 		printDefaults(os.Stdout)
@@ -362,15 +354,8 @@ func runShowConfig(defaults bool, args []string) int {
 			*tomlFile = t
 		}
 	}
-	if *tomlFile != "" {
-		if err := cfg.readTOML(*tomlFile); err != nil {
-			msg.fatal("%v", err)
-		}
-	}
-	for _, o := range overrides {
-		if err := cfg.setOverride(o); err != nil {
-			msg.fatal("%v", err)
-		}
+	if err := cfg.applyOverlays(*tomlFile, *overrides); err != nil {
+		msg.fatal("%v", err)
 	}
 	if err := cfg.validate(); err != nil {
 		msg.fatal("%v", err)

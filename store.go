@@ -285,15 +285,18 @@ func (s *store) openKept(path string, uid int) (*os.File, error) {
 		return nil, fmt.Errorf("session cache database %s: %s", path, errText(err))
 	}
 	// SQLite will open these by name: a planted one goes before it does.
+	// We always run in WAL mode, so a -journal is never ours.
 	for _, suffix := range []string{"-wal", "-shm", "-journal"} {
-		if err := checkCompanion(path+suffix, uid); err != nil || suffix == "-journal" {
-			if errors.As(err, &bad) {
-				msg.warn("refusing %s: %s; removing it", path+suffix, bad.why)
-			}
-			if err := removeName(path + suffix); err != nil {
-				f.Close()
-				return nil, err
-			}
+		err := checkCompanion(path+suffix, uid)
+		if errors.As(err, &bad) {
+			msg.warn("refusing %s: %s; removing it", path+suffix, bad.why)
+		}
+		if err == nil && suffix != "-journal" {
+			continue
+		}
+		if err := removeName(path + suffix); err != nil {
+			f.Close()
+			return nil, err
 		}
 	}
 	if why := checkKept(path); why != "" {

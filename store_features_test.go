@@ -16,11 +16,8 @@ import (
 // keptStore opens a store with tlsmgr_keep_sessions/_ticket_keys as given.
 func keptStore(t *testing.T, db string, keepSessions, keepKeys bool, caches []cacheConfig) *store {
 	t.Helper()
-	st, err := newStore(caches, storeOptions{sweepBatch: 500, keepSessions: keepSessions, keepKeys: keepKeys})
+	st, err := openStoreWith(db, caches, storeOptions{sweepBatch: 500, keepSessions: keepSessions, keepKeys: keepKeys})
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.open(db, os.Geteuid(), 0); err != nil {
 		t.Fatal(err)
 	}
 	return st

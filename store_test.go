@@ -17,7 +17,11 @@ import (
 // openStore is newStore and open together, as the daemon's pre-init does
 // them, for tests that run as whoever they are.
 func openStore(path string, caches []cacheConfig, sweepBatch int) (*store, error) {
-	s, err := newStore(caches, storeOptions{sweepBatch: sweepBatch})
+	return openStoreWith(path, caches, storeOptions{sweepBatch: sweepBatch})
+}
+
+func openStoreWith(path string, caches []cacheConfig, opts storeOptions) (*store, error) {
+	s, err := newStore(caches, opts)
 	if err != nil {
 		return nil, err
 	}
