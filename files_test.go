@@ -50,6 +50,23 @@ func stateOf(t *testing.T, path string) fileState {
 	return fileState{true, string(b), fi.Mode(), fi.Sys().(*syscall.Stat_t).Uid, fi.ModTime()}
 }
 
+// fileIdentity is which file a name leads to, and whose it is.
+type fileIdentity struct {
+	dev, ino uint64
+	mode     os.FileMode
+	uid      uint32
+}
+
+func identityOf(t *testing.T, path string) fileIdentity {
+	t.Helper()
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	return fileIdentity{st.Dev, st.Ino, fi.Mode(), st.Uid}
+}
+
 // Every kind of file that data_directory may hold instead of ours, and
 // what openOrCreateDataFile must make of it: refuse it with one warning,
 // replace it with a regular file of ours, and leave whatever a link points

@@ -595,9 +595,7 @@ func (d *daemon) start() {
 	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
-			d.store.writeMu.Lock()
-			d.store.enforceLimits(c) // a kept cache may be over a lowered limit
-			d.store.writeMu.Unlock()
+			d.store.write(func(tx *writeTx) error { return d.store.enforceLimits(tx, c) }) // a kept cache may be over a lowered limit
 			d.sweepers.Add(1)
 			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
 		}

@@ -94,29 +94,19 @@ func (s *store) loadCounters() error {
 
 // saveCounters writes every counter in one transaction.
 func (s *store) saveCounters() error {
-	if s.writer == nil || s.closed {
-		return nil
-	}
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	tx, err := s.writer.Begin()
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	for scope, counters := range s.allCounters() {
-		for _, c := range counters {
-			if _, err := tx.Exec("INSERT INTO counters (scope, name, value) VALUES (?, ?, ?)"+
-				" ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value", scope, c.name, c.value.Load()); err != nil {
-				return err
+	return s.write(func(*writeTx) error {
+		for scope, counters := range s.allCounters() {
+			for _, c := range counters {
+				if _, err := s.writer.Exec("INSERT INTO counters (scope, name, value) VALUES (?, ?, ?)"+
+					" ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value", scope, c.name, c.value.Load()); err != nil {
+					return err
+				}
 			}
 		}
-	}
-	if _, err := tx.Exec("INSERT INTO counters_period (one, since, updated) VALUES (1, ?, ?)"+
-		" ON CONFLICT (one) DO UPDATE SET since = excluded.since, updated = excluded.updated", s.since, s.now().Unix()); err != nil {
+		_, err := s.writer.Exec("INSERT INTO counters_period (one, since, updated) VALUES (1, ?, ?)"+
+			" ON CONFLICT (one) DO UPDATE SET since = excluded.since, updated = excluded.updated", s.since, s.now().Unix())
 		return err
-	}
-	return tx.Commit()
+	})
 }
 
 // runStatistics writes the counters every statsWritePeriod and logs them

@@ -108,9 +108,19 @@ type store struct {
 	// restart; kept says whether this start found one to continue.
 	keepSessions, keepKeys, kept bool
 
-	// writeMu makes each write and what it counts one step: the entry
-	// and byte counts that the limits use must match the table.
-	writeMu sync.Mutex
+	// Every write goes through one writer goroutine (writer.go), which
+	// makes each write and what it counts one step: the entry and byte
+	// counts that the limits use must match the table.
+	queueMu                           sync.Mutex
+	queue, batch                      []*writeRequest // waiting; being committed (reused)
+	leading, writesStopped            bool
+	idle                              *sync.Cond // no transaction under way
+	tx                                writeTx    // the leader's
+	beginStmt, commitStmt             *sql.Stmt
+	committed                         atomic.Int64 // writes since the last checkpoint
+	checkpointNow                     chan struct{}
+	checkpointer                      *sql.DB // one connection of its own
+	stopCheckpoints, checkpointerDone chan struct{}
 
 	service serviceCounters
 	since   int64 // when the counters began
@@ -229,11 +239,16 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	if s.reader, err = openPool(databaseDSN(path), readerConns); err != nil {
 		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
-	if err := s.warm(s.writer, 1); err != nil {
-		return err
+	if s.checkpointer, err = openPool(databaseDSN(path), 1); err != nil {
+		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
-	if err := s.warm(s.reader, readerConns); err != nil {
-		return err
+	for _, pool := range []struct {
+		db *sql.DB
+		n  int
+	}{{s.writer, 1}, {s.reader, readerConns}, {s.checkpointer, 1}} {
+		if err := s.warm(pool.db, pool.n); err != nil {
+			return err
+		}
 	}
 	// SQLite opened the file by name: make sure it is the one we created,
 	// and that the -wal and -shm it made are as they should be.
@@ -257,6 +272,12 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 		if err := s.continueKept(); err != nil {
 			return fmt.Errorf("session cache database %s: %v", path, err)
 		}
+	}
+	if err := s.prepareWriter(); err != nil {
+		return fmt.Errorf("session cache database %s: %v", path, err)
+	}
+	if err := s.startWriter(); err != nil {
+		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	return nil
 }
@@ -342,8 +363,6 @@ func checkKept(path string) string {
 // say: sessions (and the counts that go with them), ticket keys, both,
 // and the counters. Rows of caches that are off now are dropped.
 func (s *store) continueKept() error {
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
 	if !s.keepKeys {
 		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
 			return err
@@ -479,8 +498,11 @@ func (s *store) close() {
 		return
 	}
 	s.closed = true
-	if s.reader != nil {
-		s.reader.Close()
+	s.stopWriter()
+	for _, db := range []*sql.DB{s.reader, s.checkpointer} {
+		if db != nil {
+			db.Close()
+		}
 	}
 	if s.writer != nil {
 		if _, err := s.writer.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
@@ -493,11 +515,9 @@ func (s *store) close() {
 	}
 }
 
-// ping is the watchdog's probe: the writer connection can still be taken.
+// ping is the watchdog's probe: the writer still takes writes.
 func (s *store) ping() {
-	if s.writer != nil {
-		s.writer.Exec("SELECT 1")
-	}
+	s.write(func(*writeTx) error { return nil })
 }
 
 // writeFailed reports a failed write at most once a minute: a full disk or
@@ -540,13 +560,14 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 	}
 	now := s.now().Unix()
 	if expires < now {
-		s.writeMu.Lock()
-		n, err := s.deleteRows(c, c.expireStmt, id, now)
-		s.writeMu.Unlock()
+		err := s.write(func(tx *writeTx) error {
+			n, err := s.deleteRows(tx, c, c.expireStmt, id, now)
+			tx.add(&c.count.expiredAtLookup, n)
+			return err
+		})
 		if err != nil {
 			s.writeFailed(c, "delete expired", id, err)
 		}
-		c.count.expiredAtLookup.Add(n)
 		return nil, statErr
 	}
 	if c.logCache {
@@ -555,9 +576,9 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 	return session, statOK
 }
 
-// deleteRows runs a DELETE ... RETURNING length(session) and keeps the
-// entry and byte counts; the caller holds writeMu.
-func (s *store) deleteRows(c *cache, stmt *sql.Stmt, args ...any) (int64, error) {
+// deleteRows runs a DELETE ... RETURNING length(session) in the writer's
+// transaction and keeps the entry and byte counts.
+func (s *store) deleteRows(tx *writeTx, c *cache, stmt *sql.Stmt, args ...any) (int64, error) {
 	rows, err := stmt.Query(args...)
 	if err != nil {
 		return 0, err
@@ -574,8 +595,8 @@ func (s *store) deleteRows(c *cache, stmt *sql.Stmt, args ...any) (int64, error)
 	if err := rows.Err(); err != nil {
 		return 0, err // nothing was deleted: the statement rolled back
 	}
-	c.entries.Add(-n)
-	c.bytes.Add(-bytes)
+	tx.add(&c.entries, -n)
+	tx.add(&c.bytes, -bytes)
 	return n, nil
 }
 
@@ -588,64 +609,64 @@ func (s *store) update(c *cache, id string, session []byte) int {
 		session = []byte{} // NOT NULL: an empty session is still a session
 	}
 	args := append([]any{id, session, now, now + c.timeout}, decodedValues(session)...)
-
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	var oldSize int64
-	err := c.sizeStmt.QueryRow(id).Scan(&oldSize)
-	replaces := err == nil
-	if err == nil || errors.Is(err, sql.ErrNoRows) {
-		_, err = c.updateStmt.Exec(args...)
-	}
+	err := s.write(func(tx *writeTx) error {
+		var oldSize int64
+		err := c.sizeStmt.QueryRow(id).Scan(&oldSize)
+		replaces := err == nil
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		if _, err := c.updateStmt.Exec(args...); err != nil {
+			return err
+		}
+		if replaces {
+			tx.add(&c.count.replaced, 1)
+			tx.add(&c.bytes, int64(len(session))-oldSize)
+		} else {
+			tx.add(&c.count.stores, 1)
+			tx.add(&c.entries, 1)
+			tx.add(&c.bytes, int64(len(session)))
+		}
+		if s.hiddenCount.Load() > 0 {
+			tx.onCommit(func() { s.unhide(c, id) })
+			s.flushHidden(tx)
+		}
+		return s.enforceLimits(tx, c)
+	})
 	if err != nil {
 		c.count.storeFailures.Add(1)
 		s.writeFailed(c, "store", id, err)
 		s.hide(c, id)  // the session it replaces must not come back
 		return statErr // clients treat it as "not cached"
 	}
-	if replaces {
-		c.count.replaced.Add(1)
-		c.bytes.Add(int64(len(session)) - oldSize)
-	} else {
-		c.count.stores.Add(1)
-		c.entries.Add(1)
-		c.bytes.Add(int64(len(session)))
-	}
 	if c.logCache {
 		msg.info("write %s TLS cache entry %s: time=%d [data %d bytes]", c.label, id, now, len(session))
 	}
-	if s.hiddenCount.Load() > 0 {
-		s.unhide(c, id)
-		s.flushHidden()
-	}
-	s.enforceLimits(c)
 	return statOK
 }
 
-// enforceLimits evicts the oldest sessions of a cache that is over its
-// entry or byte limit, a batch at a time, so that the next updates find
-// room; the caller holds writeMu.
-func (s *store) enforceLimits(c *cache) {
+// enforceLimits evicts, in the writer's transaction, the oldest sessions
+// of a cache that is over its entry or byte limit, a batch at a time, so
+// that the next updates find room.
+func (s *store) enforceLimits(tx *writeTx, c *cache) error {
 	batch := c.evictBatch(s.sweepBatch)
 	var evicted int64
 	var param string
 	var limit int64
 	if c.entryLimit > 0 && c.entries.Load() > c.entryLimit {
 		param, limit = "entry", c.entryLimit
-		n, err := s.deleteRows(c, c.evictStmt, c.entries.Load()-c.entryLimit+batch-1)
+		n, err := s.deleteRows(tx, c, c.evictStmt, c.entries.Load()-c.entryLimit+batch-1)
 		if err != nil {
-			s.writeFailed(c, "evict", "(the oldest)", err)
-			return
+			return err
 		}
 		evicted += n
 	}
 	if c.sizeLimit > 0 && c.bytes.Load() > c.sizeLimit {
 		param, limit = "size", c.sizeLimit
 		for c.bytes.Load() > c.sizeLimit-c.sizeLimit/20 {
-			n, err := s.deleteRows(c, c.evictStmt, batch)
+			n, err := s.deleteRows(tx, c, c.evictStmt, batch)
 			if err != nil {
-				s.writeFailed(c, "evict", "(the oldest)", err)
-				break
+				return err
 			}
 			if n == 0 {
 				break
@@ -654,11 +675,14 @@ func (s *store) enforceLimits(c *cache) {
 		}
 	}
 	if evicted == 0 {
-		return
+		return nil
 	}
-	c.count.evictions.Add(evicted)
-	msg.warnLimited("full "+c.label, "%s TLS cache is full: evicted the %d oldest sessions to stay within tlsmgr_%s_session_cache_%s_limit = %d; raise that limit to keep more",
-		c.label, evicted, c.label, param, limit)
+	tx.add(&c.count.evictions, evicted)
+	tx.onCommit(func() {
+		msg.warnLimited("full "+c.label, "%s TLS cache is full: evicted the %d oldest sessions to stay within tlsmgr_%s_session_cache_%s_limit = %d; raise that limit to keep more",
+			c.label, evicted, c.label, param, limit)
+	})
+	return nil
 }
 
 func (s *store) remove(c *cache, id string) int {
@@ -668,9 +692,18 @@ func (s *store) remove(c *cache, id string) int {
 	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
 		return statErr // already deleted, as far as clients can tell
 	}
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	n, err := s.deleteRows(c, c.deleteStmt, id)
+	var n int64
+	err := s.write(func(tx *writeTx) error {
+		var err error
+		if n, err = s.deleteRows(tx, c, c.deleteStmt, id); err != nil {
+			return err
+		}
+		tx.add(&c.count.deletes, min(n, 1))
+		if s.hiddenCount.Load() > 0 {
+			s.flushHidden(tx)
+		}
+		return nil
+	})
 	if err != nil {
 		s.writeFailed(c, "delete", id, err)
 		if s.hide(c, id) {
@@ -681,10 +714,6 @@ func (s *store) remove(c *cache, id string) int {
 	}
 	if n == 0 {
 		return statErr
-	}
-	c.count.deletes.Add(1)
-	if s.hiddenCount.Load() > 0 {
-		s.flushHidden()
 	}
 	return statOK
 }
@@ -722,9 +751,10 @@ func (s *store) unhide(c *cache, id string) {
 	s.hiddenCount.Store(int64(len(s.hidden)))
 }
 
-// flushHidden deletes hidden rows now that writes work again, a few at a
-// time so that no request waits long for it; the caller holds writeMu.
-func (s *store) flushHidden() {
+// flushHidden deletes, in the writer's transaction, hidden rows now that
+// writes work again, a few at a time so that no request waits long for it.
+// A row is shown again only once its delete has committed.
+func (s *store) flushHidden(tx *writeTx) {
 	s.hiddenMu.Lock()
 	var batch []hiddenEntry
 	for e := range s.hidden {
@@ -735,15 +765,16 @@ func (s *store) flushHidden() {
 	s.hiddenMu.Unlock()
 	for _, e := range batch {
 		c := s.caches[e.cache]
-		if _, err := s.deleteRows(c, c.deleteStmt, e.id); err != nil {
+		if _, err := s.deleteRows(tx, c, c.deleteStmt, e.id); err != nil {
 			return // still failing: the next successful write tries again
 		}
-		s.unhide(c, e.id)
+		tx.onCommit(func() { s.unhide(c, e.id) })
 	}
 }
 
-// sweepExpired deletes every expired entry of one cache, a batch per
-// statement, so that a lookup or update waits at most one batch. It stops
+// sweepExpired deletes every expired entry of one cache, one batch per
+// write, so that a client's write waits at most one batch: the writer
+// takes the writes that queued meanwhile before the next batch. It stops
 // early when stop is closed (we are exiting).
 func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 	var total int64
@@ -754,14 +785,17 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 			return total, nil
 		default:
 		}
-		s.writeMu.Lock()
-		n, err := s.deleteRows(c, c.sweepStmt, cutoff, s.sweepBatch)
-		s.writeMu.Unlock()
-		c.count.expiredBySweep.Add(n)
-		total += n
+		var n int64
+		err := s.write(func(tx *writeTx) error {
+			var err error
+			n, err = s.deleteRows(tx, c, c.sweepStmt, cutoff, s.sweepBatch)
+			tx.add(&c.count.expiredBySweep, n)
+			return err
+		})
 		if err != nil {
 			return total, err
 		}
+		total += n
 		if n < int64(s.sweepBatch) {
 			return total, nil
 		}
@@ -772,31 +806,24 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 // (tlsmgr_keep_ticket_keys), so that tickets issued before a restart still
 // decrypt after it. A failure costs only that.
 func (s *store) saveTicketKeys(cur, prev *ticketKey) {
-	if !s.keepKeys || s.writer == nil || s.closed {
+	if !s.keepKeys {
 		return
 	}
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	err := func() error {
-		tx, err := s.writer.Begin()
-		if err != nil {
-			return err
-		}
-		defer tx.Rollback()
-		if _, err := tx.Exec("DELETE FROM ticket_keys"); err != nil {
+	err := s.write(func(*writeTx) error {
+		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
 			return err
 		}
 		for slot, k := range []*ticketKey{cur, prev} {
 			if k == nil {
 				continue
 			}
-			if _, err := tx.Exec("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
+			if _, err := s.writer.Exec("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
 				slot, k.name[:], k.bits[:], k.hmac[:], k.tout); err != nil {
 				return err
 			}
 		}
-		return tx.Commit()
-	}()
+		return nil
+	})
 	if err != nil {
 		msg.warnLimited("ticket keys", "session cache database %s: cannot keep the session ticket keys: %v", s.path, err)
 	}
@@ -836,17 +863,21 @@ func (s *store) loadTicketKeys() ([]ticketKey, error) {
 func (s *store) shrink() error {
 	const vacuumStep = 1000
 	var free, total int64
-	if err := s.writer.QueryRow("PRAGMA freelist_count").Scan(&free); err != nil {
+	err := s.write(func(*writeTx) error {
+		if err := s.writer.QueryRow("PRAGMA freelist_count").Scan(&free); err != nil {
+			return err
+		}
+		return s.writer.QueryRow("PRAGMA page_count").Scan(&total)
+	})
+	if err != nil || free < 256 || free*4 < total {
 		return err
-	}
-	if err := s.writer.QueryRow("PRAGMA page_count").Scan(&total); err != nil {
-		return err
-	}
-	if free < 256 || free*4 < total {
-		return nil
 	}
 	for ; free > 0; free -= vacuumStep {
-		if _, err := s.writer.Exec(fmt.Sprintf("PRAGMA incremental_vacuum(%d)", vacuumStep)); err != nil {
+		err := s.write(func(*writeTx) error {
+			_, err := s.writer.Exec(fmt.Sprintf("PRAGMA incremental_vacuum(%d)", vacuumStep))
+			return err
+		})
+		if err != nil {
 			return err
 		}
 	}
@@ -870,9 +901,7 @@ func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
 			msg.debug("%s TLS cache: cleanup removed %d entries", c.label, n)
 		}
 		if s.hiddenCount.Load() > 0 {
-			s.writeMu.Lock()
-			s.flushHidden()
-			s.writeMu.Unlock()
+			s.write(func(tx *writeTx) error { s.flushHidden(tx); return nil })
 		}
 		if n > 0 {
 			if err := s.shrink(); err != nil {

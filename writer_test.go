@@ -1,0 +1,115 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Writes that queue while a transaction is under way commit together in
+// the next one; a write of that batch that fails gets its error, leaves
+// nothing behind, and costs the others nothing.
+func TestGroupCommit(t *testing.T) {
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), allCaches(3600), 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	c := st.caches["smtp"]
+
+	release := make(chan struct{})
+	held := make(chan struct{})
+	go st.whileNoWrites(func() { close(held); <-release })
+	<-held
+
+	const n = 8
+	var counted atomic.Int64
+	seen := make([]int, n) // how many writes of its transaction ran before it
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = st.write(func(tx *writeTx) error {
+				seen[i] = max(seen[i], len(tx.deltas)) // it runs again alone after the failure
+				tx.add(&counted, 1)
+				if _, err := c.updateStmt.Exec(append([]any{fmt.Sprint(i), []byte("s"), 1, 2}, make([]any, 12)...)...); err != nil {
+					return err
+				}
+				if i == 3 {
+					return errors.New("write 3 fails")
+				}
+				return nil
+			})
+		}()
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		st.queueMu.Lock()
+		queued := len(st.queue)
+		st.queueMu.Unlock()
+		if queued == n || time.Now().After(deadline) {
+			break
+		}
+	}
+	close(release)
+	wg.Wait()
+
+	batched := 0
+	for i := range n {
+		if i == 3 {
+			if errs[i] == nil {
+				t.Errorf("write 3 succeeded")
+			}
+			continue
+		}
+		if errs[i] != nil {
+			t.Errorf("write %d: %v", i, errs[i])
+		}
+		if seen[i] > 0 {
+			batched++
+		}
+	}
+	if batched == 0 {
+		t.Errorf("no write ran in a transaction after another: %v", seen)
+	}
+	if got := counted.Load(); got != n-1 {
+		t.Errorf("counted %d writes, want %d: a rolled-back write must not count", got, n-1)
+	}
+	var rows int
+	st.reader.QueryRow("SELECT count(*) FROM smtp_cache").Scan(&rows)
+	if rows != n-1 {
+		t.Errorf("%d rows, want %d: the failed write must leave nothing", rows, n-1)
+	}
+	var three int
+	st.reader.QueryRow("SELECT count(*) FROM smtp_cache WHERE id = '3'").Scan(&three)
+	if three != 0 {
+		t.Error("the failed write's row is there")
+	}
+}
+
+// After close, writes are refused, not lost in a queue nobody serves.
+func TestWriteAfterClose(t *testing.T) {
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), allCaches(3600), 500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.close()
+	done := make(chan error)
+	go func() { done <- st.write(func(*writeTx) error { return nil }) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errStoreClosed) {
+			t.Errorf("write after close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a write after close hangs")
+	}
+	if got := st.update(st.caches["smtpd"], "x", []byte("s")); got != statErr {
+		t.Errorf("update after close: %d", got)
+	}
+}
