@@ -18,10 +18,17 @@
 --   sqlite3 -header -column /var/lib/postfix/tlsmgr.sqlite 'SELECT * FROM sessions'
 -- without printing keys. The file is mode 0600, owned by mail_owner: read
 -- it as root or as that user.
-PRAGMA user_version = 2; -- the schema's version: a kept database of another version is set aside
+--
+-- A row is found by `hash`, the first 63 bits of SHA-256(id), which is its
+-- rowid: one b-tree to search and write instead of a table and an index of
+-- ids. Two ids with one hash cannot both be kept; the later replaces the
+-- earlier, as a cache may. To find a row by hand, `WHERE id = '...'` works
+-- (it reads the whole table).
+PRAGMA user_version = 3; -- the schema's version: a kept database of another version is set aside
 
 CREATE TABLE IF NOT EXISTS smtpd_cache (
-    id      TEXT PRIMARY KEY,   -- cache_id as the client sent it
+    hash    INTEGER PRIMARY KEY, -- SHA-256(id)'s first 63 bits: the rowid
+    id      TEXT NOT NULL,      -- cache_id as the client sent it
     session BLOB NOT NULL,      -- raw session bytes (secret)
     stored  INTEGER NOT NULL,   -- UNIX time of the update
     expires INTEGER NOT NULL,   -- stored + timeout; valid while expires >= now
@@ -43,7 +50,7 @@ CREATE TABLE IF NOT EXISTS smtpd_cache (
 CREATE INDEX IF NOT EXISTS smtpd_cache_expires ON smtpd_cache (expires);
 
 CREATE TABLE IF NOT EXISTS smtp_cache (
-    id TEXT PRIMARY KEY, session BLOB NOT NULL, stored INTEGER NOT NULL, expires INTEGER NOT NULL,
+    hash INTEGER PRIMARY KEY, id TEXT NOT NULL, session BLOB NOT NULL, stored INTEGER NOT NULL, expires INTEGER NOT NULL,
     protocol TEXT, cipher TEXT, session_time INTEGER, session_timeout INTEGER, sni TEXT,
     ticket INTEGER, ticket_lifetime INTEGER, verify_result INTEGER,
     peer_subject TEXT, peer_issuer TEXT, peer_fingerprint TEXT, peer_not_after INTEGER
@@ -51,7 +58,7 @@ CREATE TABLE IF NOT EXISTS smtp_cache (
 CREATE INDEX IF NOT EXISTS smtp_cache_expires ON smtp_cache (expires);
 
 CREATE TABLE IF NOT EXISTS lmtp_cache (
-    id TEXT PRIMARY KEY, session BLOB NOT NULL, stored INTEGER NOT NULL, expires INTEGER NOT NULL,
+    hash INTEGER PRIMARY KEY, id TEXT NOT NULL, session BLOB NOT NULL, stored INTEGER NOT NULL, expires INTEGER NOT NULL,
     protocol TEXT, cipher TEXT, session_time INTEGER, session_timeout INTEGER, sni TEXT,
     ticket INTEGER, ticket_lifetime INTEGER, verify_result INTEGER,
     peer_subject TEXT, peer_issuer TEXT, peer_fingerprint TEXT, peer_not_after INTEGER

@@ -94,7 +94,7 @@ func (s *store) loadCounters() error {
 
 // saveCounters writes every counter in one transaction.
 func (s *store) saveCounters() error {
-	return s.write(func(*writeTx) error {
+	return s.writeBackground(func(*writeTx) error {
 		for scope, counters := range s.allCounters() {
 			for _, c := range counters {
 				if _, err := s.writer.Exec("INSERT INTO counters (scope, name, value) VALUES (?, ?, ?)"+

@@ -18,8 +18,10 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
 	_ "embed"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -43,6 +45,12 @@ const readerConns = 4
 // to this size, so it neither grows without bound nor keeps old session
 // pages around for long.
 const walSizeLimit = 4 << 20
+
+// pageSize is the database page size. A 2,000-byte session, more than a
+// 2 KiB page holds, goes to one overflow page and leaves about 240 bytes
+// in a leaf shared with eight others: 2.4 KB a session on disk. On 4 KiB
+// pages one such row fills a page, 4.2 KB a session.
+const pageSize = 2048
 
 // Lookup, update and delete results, as tlsmgr sends them (postfix-tlsmgr.md §2).
 const (
@@ -114,6 +122,7 @@ type store struct {
 	queueMu                           sync.Mutex
 	queue, batch                      []*writeRequest // waiting; being committed (reused)
 	leading, writesStopped            bool
+	backgroundWaited                  int        // transactions a background write waited through
 	idle                              *sync.Cond // no transaction under way
 	tx                                writeTx    // the leader's
 	beginStmt, commitStmt             *sql.Stmt
@@ -142,7 +151,7 @@ const maxHidden = 10000
 
 // schemaVersion is schema.sql's user_version: a kept database of another
 // version is set aside.
-const schemaVersion = 2
+const schemaVersion = 3
 
 // cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
@@ -233,6 +242,16 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	if s.writer, err = openPool(databaseDSN(path), 1); err != nil {
 		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
+	// What a database keeps from its creation: WAL mode writes the first
+	// page, which fixes the page size. There is no auto_vacuum: it costs
+	// every write a pointer-map page, and giving pages back after a sweep
+	// stalls writers for seconds; freed pages are zeroed (secure_delete)
+	// and new sessions reuse them.
+	for _, pragma := range []string{"page_size = " + fmt.Sprint(pageSize), "journal_mode = WAL"} {
+		if _, err := s.writer.Exec("PRAGMA " + pragma); err != nil {
+			return fmt.Errorf("session cache database %s: PRAGMA %s: %v", path, pragma, err)
+		}
+	}
 	if _, err := s.writer.Exec(schemaSQL); err != nil {
 		return fmt.Errorf("session cache database %s: create schema: %v", path, err)
 	}
@@ -282,11 +301,11 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	return nil
 }
 
-// databaseDSN is how every connection opens the database. auto_vacuum
-// goes first: it only takes effect before the first table.
+// databaseDSN is how every connection opens the database. What the file
+// keeps (page size, WAL mode) open() sets when it makes it.
 func databaseDSN(path string) string {
-	return "file:" + path + "?_pragma=auto_vacuum(INCREMENTAL)&_pragma=busy_timeout(10000)" +
-		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)" +
+	return "file:" + path + "?_pragma=busy_timeout(10000)" +
+		"&_pragma=synchronous(NORMAL)&_pragma=temp_store(MEMORY)" +
 		"&_pragma=secure_delete(ON)&_pragma=journal_size_limit(" + fmt.Sprint(walSizeLimit) + ")"
 }
 
@@ -432,22 +451,30 @@ func (s *store) prepare(c *cache) error {
 		db   *sql.DB
 		sql  string
 	}{
-		{&c.lookupStmt, s.reader, "SELECT session, expires FROM " + t + " WHERE id = ?"},
-		{&c.sizeStmt, s.writer, "SELECT length(session) FROM " + t + " WHERE id = ?"},
-		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE id = ? AND expires < ? RETURNING length(session)"},
-		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (id, session, stored, expires, " + decodedColumns + ")" +
-			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET" +
-			" session = excluded.session, stored = excluded.stored, expires = excluded.expires" + decodedUpdates},
-		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE id = ? RETURNING length(session)"},
+		{&c.lookupStmt, s.reader, "SELECT session, expires FROM " + t + " WHERE hash = ? AND id = ?"},
+		{&c.sizeStmt, s.writer, "SELECT length(session) FROM " + t + " WHERE hash = ?"},
+		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE hash = ? AND id = ? AND expires < ? RETURNING length(session)"},
+		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (hash, id, session, stored, expires, " + decodedColumns + ")" +
+			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO UPDATE SET" +
+			" id = excluded.id, session = excluded.session, stored = excluded.stored, expires = excluded.expires" + decodedUpdates},
+		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE hash = ? AND id = ? RETURNING length(session)"},
 		{&c.sweepStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?) RETURNING length(session)"},
 		{&c.evictStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " ORDER BY expires LIMIT ?) RETURNING length(session)"},
-		{&c.existsStmt, s.reader, "SELECT 1 FROM " + t + " WHERE id = ?"},
+		{&c.existsStmt, s.reader, "SELECT 1 FROM " + t + " WHERE hash = ? AND id = ?"},
 	} {
 		if *p.stmt, err = p.db.Prepare(p.sql); err != nil {
 			return fmt.Errorf("session cache database %s: prepare %q: %v", s.path, p.sql, err)
 		}
 	}
 	return nil
+}
+
+// rowKey is where the row of a cache id is: the first 63 bits of its
+// SHA-256, the table's rowid. A hash a client cannot steer, so no client
+// can pick ids that collide with another's.
+func rowKey(id string) int64 {
+	sum := sha256.Sum256([]byte(id))
+	return int64(binary.BigEndian.Uint64(sum[:8]) >> 1)
 }
 
 // decodedColumns are the columns decodeSession fills, in decodedValues' order.
@@ -550,7 +577,7 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 	}
 	var session []byte
 	var expires int64
-	err := c.lookupStmt.QueryRow(id).Scan(&session, &expires)
+	err := c.lookupStmt.QueryRow(rowKey(id), id).Scan(&session, &expires)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, statErr
 	}
@@ -561,7 +588,7 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 	now := s.now().Unix()
 	if expires < now {
 		err := s.write(func(tx *writeTx) error {
-			n, err := s.deleteRows(tx, c, c.expireStmt, id, now)
+			n, err := s.deleteRows(tx, c, c.expireStmt, rowKey(id), id, now)
 			tx.add(&c.count.expiredAtLookup, n)
 			return err
 		})
@@ -608,11 +635,12 @@ func (s *store) update(c *cache, id string, session []byte) int {
 	if session == nil {
 		session = []byte{} // NOT NULL: an empty session is still a session
 	}
-	args := append([]any{id, session, now, now + c.timeout}, decodedValues(session)...)
+	key := rowKey(id)
+	args := append([]any{key, id, session, now, now + c.timeout}, decodedValues(session)...)
 	err := s.write(func(tx *writeTx) error {
 		var oldSize int64
-		err := c.sizeStmt.QueryRow(id).Scan(&oldSize)
-		replaces := err == nil
+		err := c.sizeStmt.QueryRow(key).Scan(&oldSize)
+		replaces := err == nil // this id, or one of the same hash
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
 			return err
 		}
@@ -695,7 +723,7 @@ func (s *store) remove(c *cache, id string) int {
 	var n int64
 	err := s.write(func(tx *writeTx) error {
 		var err error
-		if n, err = s.deleteRows(tx, c, c.deleteStmt, id); err != nil {
+		if n, err = s.deleteRows(tx, c, c.deleteStmt, rowKey(id), id); err != nil {
 			return err
 		}
 		tx.add(&c.count.deletes, min(n, 1))
@@ -721,7 +749,7 @@ func (s *store) remove(c *cache, id string) int {
 // hide makes lookups miss an existing row whose delete or replacement
 // failed. It reports whether the row existed and is now hidden.
 func (s *store) hide(c *cache, id string) bool {
-	if err := c.existsStmt.QueryRow(id).Scan(new(int)); err != nil {
+	if err := c.existsStmt.QueryRow(rowKey(id), id).Scan(new(int)); err != nil {
 		return false // no such row: nothing to hide
 	}
 	s.hiddenMu.Lock()
@@ -765,7 +793,7 @@ func (s *store) flushHidden(tx *writeTx) {
 	s.hiddenMu.Unlock()
 	for _, e := range batch {
 		c := s.caches[e.cache]
-		if _, err := s.deleteRows(tx, c, c.deleteStmt, e.id); err != nil {
+		if _, err := s.deleteRows(tx, c, c.deleteStmt, rowKey(e.id), e.id); err != nil {
 			return // still failing: the next successful write tries again
 		}
 		tx.onCommit(func() { s.unhide(c, e.id) })
@@ -786,7 +814,7 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 		default:
 		}
 		var n int64
-		err := s.write(func(tx *writeTx) error {
+		err := s.writeBackground(func(tx *writeTx) error {
 			var err error
 			n, err = s.deleteRows(tx, c, c.sweepStmt, cutoff, s.sweepBatch)
 			tx.add(&c.count.expiredBySweep, n)
@@ -799,6 +827,7 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 		if n < int64(s.sweepBatch) {
 			return total, nil
 		}
+		s.restartWAL() // the sweep writes many pages: keep the WAL small meanwhile
 	}
 }
 
@@ -856,34 +885,6 @@ func (s *store) loadTicketKeys() ([]ticketKey, error) {
 	return keys, rows.Err()
 }
 
-// shrink gives the pages that deleted sessions occupied back to the file
-// system once they are a quarter of the file (secure_delete has already
-// zeroed them), in steps of vacuumStep pages so that a writer waits at most
-// one step.
-func (s *store) shrink() error {
-	const vacuumStep = 1000
-	var free, total int64
-	err := s.write(func(*writeTx) error {
-		if err := s.writer.QueryRow("PRAGMA freelist_count").Scan(&free); err != nil {
-			return err
-		}
-		return s.writer.QueryRow("PRAGMA page_count").Scan(&total)
-	})
-	if err != nil || free < 256 || free*4 < total {
-		return err
-	}
-	for ; free > 0; free -= vacuumStep {
-		err := s.write(func(*writeTx) error {
-			_, err := s.writer.Exec(fmt.Sprintf("PRAGMA incremental_vacuum(%d)", vacuumStep))
-			return err
-		})
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // runSweeper sweeps one cache now and then every timeout seconds, like
 // tlsmgr's cleanup timer, until stop is closed.
 func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
@@ -901,12 +902,7 @@ func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
 			msg.debug("%s TLS cache: cleanup removed %d entries", c.label, n)
 		}
 		if s.hiddenCount.Load() > 0 {
-			s.write(func(tx *writeTx) error { s.flushHidden(tx); return nil })
-		}
-		if n > 0 {
-			if err := s.shrink(); err != nil {
-				msg.warnLimited("cache write", "session cache database %s: shrink: %v", s.path, err)
-			}
+			s.writeBackground(func(tx *writeTx) error { s.flushHidden(tx); return nil })
 		}
 		select {
 		case <-stop:

@@ -15,6 +15,7 @@ package main
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,8 +26,13 @@ import (
 const maxWriteBatch = 64
 
 // walRestartFrames is how many WAL frames (pages) make the checkpointer
-// restart the WAL, by copying the last frames with the writer held.
-const walRestartFrames = 1000
+// restart the WAL, by copying the last frames with the writer held; it
+// does so only when at most walHeldFrames are left, so that the writer is
+// held briefly.
+const (
+	walRestartFrames = 1000
+	walHeldFrames    = 256
+)
 
 // The checkpointer copies committed WAL frames into the database after
 // checkpointWrites writes (an update writes about four pages), or
@@ -37,6 +43,10 @@ const (
 	checkpointPeriod = 100 * time.Millisecond
 )
 
+// backgroundPatience is how many transactions of clients' writes a
+// background write waits through at most.
+const backgroundPatience = 8
+
 // errStoreClosed answers writes that come after the writer stopped.
 var errStoreClosed = errors.New("the session cache database is closed")
 
@@ -46,9 +56,11 @@ var errStoreClosed = errors.New("the session cache database is closed")
 type writeFunc func(tx *writeTx) error
 
 type writeRequest struct {
-	fn   writeFunc
-	bare func() // instead of fn: run outside any transaction
-	done chan writeResult
+	fn         writeFunc
+	bare       func() // instead of fn: run outside any transaction
+	background bool
+	finished   bool // answered: set and read by the leader only
+	done       chan writeResult
 }
 
 // writeResult answers a waiting write: its error, or that it is now its
@@ -95,11 +107,18 @@ func (tx *writeTx) reset() {
 
 // write runs fn in the next transaction and returns when that transaction
 // has committed, or fn's error. There is no writer goroutine: the first
-// write to find no transaction under way leads, running every write that
-// queued meanwhile in one transaction, and hands the lead to the oldest
-// that queued during it, so that a lone client never waits for another
-// goroutine to be scheduled.
+// write to find no transaction under way leads, running the writes that
+// queued meanwhile in one transaction, until its own has run; then it
+// hands the lead to the oldest still waiting. A lone client never waits
+// for another goroutine to be scheduled.
 func (s *store) write(fn writeFunc) error { return s.lead(&writeRequest{fn: fn}) }
+
+// writeBackground is write for housekeeping (the sweep, checkpoints, the
+// counters): such a write runs alone, and only when no client's write is
+// waiting or it has waited through backgroundPatience transactions.
+func (s *store) writeBackground(fn writeFunc) error {
+	return s.lead(&writeRequest{fn: fn, background: true})
+}
 
 // whileNoWrites runs f between transactions, with the writer held.
 func (s *store) whileNoWrites(f func()) error { return s.lead(&writeRequest{bare: f}) }
@@ -123,35 +142,12 @@ func (s *store) lead(req *writeRequest) error {
 		s.queueMu.Lock()
 	}
 	s.leading = true
-	n := 1 // req is the first; a bare one goes alone
-	for req.bare == nil && n < min(len(s.queue), maxWriteBatch) && s.queue[n].bare == nil {
-		n++
+	for !req.finished {
+		batch := s.nextBatch()
+		s.queueMu.Unlock()
+		s.run(batch)
+		s.queueMu.Lock()
 	}
-	batch := append(s.batch[:0], s.queue[:n]...)
-	s.queue = append(s.queue[:0], s.queue[n:]...)
-	s.queueMu.Unlock()
-
-	var err error
-	switch {
-	case req.bare != nil:
-		req.bare()
-	default:
-		err = s.commit(&s.tx, batch)
-		if err != nil && len(batch) > 1 {
-			for _, other := range batch[1:] { // find whose write failed
-				other.done <- writeResult{err: s.commit(&s.tx, []*writeRequest{other})}
-			}
-			err = s.commit(&s.tx, batch[:1])
-		} else {
-			for _, other := range batch[1:] {
-				other.done <- writeResult{err: err}
-			}
-		}
-	}
-	clear(batch)
-	s.batch = batch
-
-	s.queueMu.Lock()
 	if len(s.queue) > 0 {
 		s.queue[0].done <- writeResult{lead: true}
 	} else {
@@ -159,7 +155,67 @@ func (s *store) lead(req *writeRequest) error {
 		s.idle.Broadcast()
 	}
 	s.queueMu.Unlock()
-	return err
+	return (<-req.done).err
+}
+
+// nextBatch takes the writes of the next transaction from the queue; the
+// caller holds queueMu and the lead. Clients' writes go first, in order;
+// one run with the writer held goes alone; a background write goes alone
+// when no client's write waits, or once it has waited long enough.
+func (s *store) nextBatch() []*writeRequest {
+	batch := s.batch[:0]
+	oldestBackground, clients := -1, 0
+	for i, r := range s.queue {
+		switch {
+		case !r.background:
+			clients++
+		case oldestBackground < 0:
+			oldestBackground = i
+		}
+	}
+	if oldestBackground >= 0 {
+		if clients == 0 || s.backgroundWaited >= backgroundPatience {
+			s.backgroundWaited = 0
+			batch = append(batch, s.queue[oldestBackground])
+			s.queue = slices.Delete(s.queue, oldestBackground, oldestBackground+1)
+			return batch
+		}
+		s.backgroundWaited++
+	}
+	waiting := s.queue[:0]
+	for _, r := range s.queue {
+		if !r.background && len(batch) < maxWriteBatch && (len(batch) == 0 || r.bare == nil && batch[0].bare == nil) {
+			batch = append(batch, r)
+		} else {
+			waiting = append(waiting, r)
+		}
+	}
+	clear(s.queue[len(waiting):])
+	s.queue = waiting
+	return batch
+}
+
+// run runs one batch and answers each of its writes.
+func (s *store) run(batch []*writeRequest) {
+	if f := batch[0].bare; f != nil {
+		f()
+		s.answer(batch[0], nil)
+	} else if err := s.commit(&s.tx, batch); err != nil && len(batch) > 1 {
+		for _, r := range batch { // find whose write failed
+			s.answer(r, s.commit(&s.tx, []*writeRequest{r}))
+		}
+	} else {
+		for _, r := range batch {
+			s.answer(r, err)
+		}
+	}
+	clear(batch)
+	s.batch = batch[:0]
+}
+
+func (s *store) answer(r *writeRequest, err error) {
+	r.finished = true
+	r.done <- writeResult{err: err}
 }
 
 // startWriter turns automatic checkpoints off on the writer connection and
@@ -167,6 +223,13 @@ func (s *store) lead(req *writeRequest) error {
 // transaction under way, and stops the checkpointer.
 func (s *store) startWriter() error {
 	if _, err := s.writer.Exec("PRAGMA wal_autocheckpoint = 0"); err != nil { // the checkpointer does it
+		return err
+	}
+	// The checkpointer does not sync: the caches are disposable (Postfix
+	// never syncs its own), a sync would hold the writer when the WAL
+	// restarts, and a kept database that a power failure damaged fails
+	// its check at start and is set aside.
+	if _, err := s.checkpointer.Exec("PRAGMA synchronous = OFF"); err != nil {
 		return err
 	}
 	s.idle = sync.NewCond(&s.queueMu)
@@ -246,9 +309,12 @@ func (s *store) runCheckpointer() {
 		if s.committed.Swap(0) == 0 {
 			continue
 		}
-		frames, err := s.checkpoint()
-		if err == nil && frames > walRestartFrames {
-			s.whileNoWrites(func() { _, err = s.checkpoint() })
+		frames, left, err := s.checkpoint()
+		for tries := 0; err == nil && left > walHeldFrames && tries < 3; tries++ {
+			frames, left, err = s.checkpoint() // the writer added more meanwhile
+		}
+		if err == nil && frames > walRestartFrames && left <= walHeldFrames {
+			err = s.restartWAL()
 		}
 		if err != nil {
 			msg.warnLimited("cache write", "session cache database %s: checkpoint: %v", s.path, err)
@@ -256,12 +322,20 @@ func (s *store) runCheckpointer() {
 	}
 }
 
+// restartWAL copies the WAL's last frames into the database with the
+// writer held, as a background write, so that the next transaction writes
+// the WAL from its beginning again.
+func (s *store) restartWAL() (err error) {
+	s.lead(&writeRequest{bare: func() { _, _, err = s.checkpoint() }, background: true})
+	return err
+}
+
 // checkpoint copies committed WAL frames into the database; it returns
-// how many frames the WAL holds.
-func (s *store) checkpoint() (int, error) {
-	var busy, frames, copied int
-	err := s.checkpointer.QueryRow("PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied)
-	return frames, err
+// how many frames the WAL holds and how many of them are left to copy.
+func (s *store) checkpoint() (frames, left int, err error) {
+	var busy, copied int
+	err = s.checkpointer.QueryRow("PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied)
+	return frames, frames - copied, err
 }
 
 // prepareWriter prepares what the writer runs for every transaction.

@@ -10,15 +10,22 @@ import (
 	"time"
 )
 
-// Writes that queue while a transaction is under way commit together in
-// the next one; a write of that batch that fails gets its error, leaves
-// nothing behind, and costs the others nothing.
-func TestGroupCommit(t *testing.T) {
+// openTestStore opens a store with all three caches, closed when the test ends.
+func openTestStore(t *testing.T) *store {
+	t.Helper()
 	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), allCaches(3600), 500)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.close()
+	t.Cleanup(st.close)
+	return st
+}
+
+// Writes that queue while a transaction is under way commit together in
+// the next one; a write of that batch that fails gets its error, leaves
+// nothing behind, and costs the others nothing.
+func TestGroupCommit(t *testing.T) {
+	st := openTestStore(t)
 	c := st.caches["smtp"]
 
 	release := make(chan struct{})
@@ -38,7 +45,7 @@ func TestGroupCommit(t *testing.T) {
 			errs[i] = st.write(func(tx *writeTx) error {
 				seen[i] = max(seen[i], len(tx.deltas)) // it runs again alone after the failure
 				tx.add(&counted, 1)
-				if _, err := c.updateStmt.Exec(append([]any{fmt.Sprint(i), []byte("s"), 1, 2}, make([]any, 12)...)...); err != nil {
+				if _, err := c.updateStmt.Exec(append([]any{rowKey(fmt.Sprint(i)), fmt.Sprint(i), []byte("s"), 1, 2}, make([]any, 12)...)...); err != nil {
 					return err
 				}
 				if i == 3 {
@@ -111,5 +118,75 @@ func TestWriteAfterClose(t *testing.T) {
 	}
 	if got := st.update(st.caches["smtpd"], "x", []byte("s")); got != statErr {
 		t.Errorf("update after close: %d", got)
+	}
+}
+
+// Rows are found by the hash of their id. An id whose hash another id
+// already holds misses on lookup and delete, and replaces that row on
+// update, keeping the counts right. (SHA-256 gives no such pair; the test
+// plants one.)
+func TestSameHashOtherID(t *testing.T) {
+	st := openTestStore(t)
+	c := st.caches["smtpd"]
+	if st.update(c, "planted", []byte("first")) != statOK {
+		t.Fatal("update")
+	}
+	if _, err := st.writer.Exec("UPDATE smtpd_cache SET hash = ? WHERE id = 'planted'", rowKey("other")); err != nil {
+		t.Fatal(err)
+	}
+	if _, status := st.lookup(c, "other"); status != statErr {
+		t.Error("lookup of another id with the same hash found a session")
+	}
+	if st.remove(c, "other") != statErr {
+		t.Error("delete of another id with the same hash deleted a session")
+	}
+	if st.update(c, "other", []byte("second!")) != statOK {
+		t.Fatal("update of the colliding id")
+	}
+	if session, status := st.lookup(c, "other"); status != statOK || string(session) != "second!" {
+		t.Errorf("lookup after the colliding update: %q, %d", session, status)
+	}
+	var rows int
+	st.reader.QueryRow("SELECT count(*) FROM smtpd_cache").Scan(&rows)
+	if rows != 1 || c.entries.Load() != 1 || c.bytes.Load() != int64(len("second!")) {
+		t.Errorf("%d rows, counts %d entries, %d bytes; want 1, 1, 7", rows, c.entries.Load(), c.bytes.Load())
+	}
+}
+
+// Housekeeping (the sweep, counters) yields to clients: a background write
+// that queued first runs after the clients' writes that queued behind it.
+func TestBackgroundWritesYield(t *testing.T) {
+	st := openTestStore(t)
+	release, held := make(chan struct{}), make(chan struct{})
+	go st.whileNoWrites(func() { close(held); <-release })
+	<-held
+
+	var mu sync.Mutex
+	var order []string
+	record := func(name string) writeFunc {
+		return func(*writeTx) error { mu.Lock(); order = append(order, name); mu.Unlock(); return nil }
+	}
+	queued := func(n int) {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			st.queueMu.Lock()
+			q := len(st.queue)
+			st.queueMu.Unlock()
+			if q == n {
+				return
+			}
+		}
+		t.Fatalf("%d writes never queued", n)
+	}
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() { defer wg.Done(); st.writeBackground(record("sweep")) }()
+	queued(1)
+	go func() { defer wg.Done(); st.write(record("client1")) }()
+	go func() { defer wg.Done(); st.write(record("client2")) }()
+	queued(3)
+	close(release)
+	wg.Wait()
+	if len(order) != 3 || order[2] != "sweep" {
+		t.Errorf("ran in the order %v; the background write must come last", order)
 	}
 }
