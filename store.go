@@ -37,9 +37,9 @@ import (
 //go:embed schema.sql
 var schemaSQL string
 
-// readerConns is the size of the read pool; WAL lets readers run beside the
-// one writer, and two cores gain nothing from more.
-const readerConns = 4
+// readerConns is the size of the read pool beside the lookups' own
+// connections (lookup.go): it reads for everything else.
+const readerConns = 1
 
 // walSizeLimit bounds the -wal file: after a checkpoint SQLite truncates it
 // to this size, so it neither grows without bound nor keeps old session
@@ -71,7 +71,7 @@ type cache struct {
 	entries, bytes        atomic.Int64 // what the table holds now (bytes of session)
 	count                 cacheCounters
 
-	lookupStmt, sizeStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, evictStmt, existsStmt *sql.Stmt
+	sizeStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, evictStmt, existsStmt *sql.Stmt
 }
 
 // configured is what main.cf asks for; enabled is what this process does.
@@ -101,15 +101,17 @@ func effectiveTimeout(t int64) int64 {
 }
 
 type store struct {
-	path       string
-	uid        int      // mail_owner's: every file must belong to it
-	lock       *os.File // held for the life of the process: one tlsmgr per database
-	writer     *sql.DB  // one connection: SQLite has one writer at a time anyway
-	reader     *sql.DB
-	caches     map[string]*cache
-	sweepBatch int
-	now        func() time.Time
-	closed     bool
+	path        string
+	uid         int      // mail_owner's: every file must belong to it
+	lock        *os.File // held for the life of the process: one tlsmgr per database
+	writer      *sql.DB  // one connection: SQLite has one writer at a time anyway
+	reader      *sql.DB
+	lookups     chan *lookupConn // lookup.go; nil entries once closed
+	lookupsOpen int
+	caches      map[string]*cache
+	sweepBatch  int
+	now         func() time.Time
+	closed      bool
 
 	// keepSessions and keepKeys are tlsmgr_keep_sessions and
 	// tlsmgr_keep_ticket_keys: with either, the database survives a
@@ -255,7 +257,7 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	if _, err := s.writer.Exec(schemaSQL); err != nil {
 		return fmt.Errorf("session cache database %s: create schema: %v", path, err)
 	}
-	if s.reader, err = openPool(databaseDSN(path), readerConns); err != nil {
+	if s.reader, err = openPool(databaseDSN(path), readerConns+lookupConns); err != nil {
 		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	if s.checkpointer, err = openPool(databaseDSN(path), 1); err != nil {
@@ -264,7 +266,7 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	for _, pool := range []struct {
 		db *sql.DB
 		n  int
-	}{{s.writer, 1}, {s.reader, readerConns}, {s.checkpointer, 1}} {
+	}{{s.writer, 1}, {s.reader, readerConns + lookupConns}, {s.checkpointer, 1}} {
 		if err := s.warm(pool.db, pool.n); err != nil {
 			return err
 		}
@@ -286,6 +288,9 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 		if c.enabled() && c.logCache {
 			msg.info("open %s TLS cache %s", c.label, c.database)
 		}
+	}
+	if err := s.openLookups(s.reader); err != nil {
+		return fmt.Errorf("session cache database %s: %v", path, err)
 	}
 	if s.kept {
 		if err := s.continueKept(); err != nil {
@@ -451,7 +456,6 @@ func (s *store) prepare(c *cache) error {
 		db   *sql.DB
 		sql  string
 	}{
-		{&c.lookupStmt, s.reader, "SELECT session, expires FROM " + t + " WHERE hash = ? AND id = ?"},
 		{&c.sizeStmt, s.writer, "SELECT length(session) FROM " + t + " WHERE hash = ?"},
 		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE hash = ? AND id = ? AND expires < ? RETURNING length(session)"},
 		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (hash, id, session, stored, expires, " + decodedColumns + ")" +
@@ -526,6 +530,7 @@ func (s *store) close() {
 	}
 	s.closed = true
 	s.stopWriter()
+	s.closeLookups()
 	for _, db := range []*sql.DB{s.reader, s.checkpointer} {
 		if db != nil {
 			db.Close()
@@ -575,10 +580,8 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
 		return nil, statErr
 	}
-	var session []byte
-	var expires int64
-	err := c.lookupStmt.QueryRow(rowKey(id), id).Scan(&session, &expires)
-	if errors.Is(err, sql.ErrNoRows) {
+	session, expires, found, err := s.selectSession(c, id)
+	if err == nil && !found {
 		return nil, statErr
 	}
 	if err != nil {

@@ -21,6 +21,20 @@ func openTestStore(t *testing.T) *store {
 	return st
 }
 
+// waitQueued waits until n writes wait for the writer.
+func waitQueued(t *testing.T, st *store, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		st.queueMu.Lock()
+		queued := len(st.queue)
+		st.queueMu.Unlock()
+		if queued == n {
+			return
+		}
+	}
+	t.Fatalf("%d writes never queued", n)
+}
+
 // Writes that queue while a transaction is under way commit together in
 // the next one; a write of that batch that fails gets its error, leaves
 // nothing behind, and costs the others nothing.
@@ -33,12 +47,15 @@ func TestGroupCommit(t *testing.T) {
 	go st.whileNoWrites(func() { close(held); <-release })
 	<-held
 
-	const n = 8
+	const n, failing = 8, 7 // the failing write queues last, so the others run before it
 	var counted atomic.Int64
 	seen := make([]int, n) // how many writes of its transaction ran before it
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
+		if i == failing {
+			waitQueued(t, st, failing)
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -48,29 +65,22 @@ func TestGroupCommit(t *testing.T) {
 				if _, err := c.updateStmt.Exec(append([]any{rowKey(fmt.Sprint(i)), fmt.Sprint(i), []byte("s"), 1, 2}, make([]any, 12)...)...); err != nil {
 					return err
 				}
-				if i == 3 {
-					return errors.New("write 3 fails")
+				if i == failing {
+					return errors.New("this write fails")
 				}
 				return nil
 			})
 		}()
 	}
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
-		st.queueMu.Lock()
-		queued := len(st.queue)
-		st.queueMu.Unlock()
-		if queued == n || time.Now().After(deadline) {
-			break
-		}
-	}
+	waitQueued(t, st, n)
 	close(release)
 	wg.Wait()
 
 	batched := 0
 	for i := range n {
-		if i == 3 {
+		if i == failing {
 			if errs[i] == nil {
-				t.Errorf("write 3 succeeded")
+				t.Errorf("the failing write succeeded")
 			}
 			continue
 		}
@@ -92,9 +102,9 @@ func TestGroupCommit(t *testing.T) {
 	if rows != n-1 {
 		t.Errorf("%d rows, want %d: the failed write must leave nothing", rows, n-1)
 	}
-	var three int
-	st.reader.QueryRow("SELECT count(*) FROM smtp_cache WHERE id = '3'").Scan(&three)
-	if three != 0 {
+	var failed int
+	st.reader.QueryRow("SELECT count(*) FROM smtp_cache WHERE id = ?", fmt.Sprint(failing)).Scan(&failed)
+	if failed != 0 {
 		t.Error("the failed write's row is there")
 	}
 }
@@ -118,6 +128,9 @@ func TestWriteAfterClose(t *testing.T) {
 	}
 	if got := st.update(st.caches["smtpd"], "x", []byte("s")); got != statErr {
 		t.Errorf("update after close: %d", got)
+	}
+	if _, got := st.lookup(st.caches["smtpd"], "x"); got != statErr {
+		t.Errorf("lookup after close: %d", got)
 	}
 }
 
@@ -166,24 +179,13 @@ func TestBackgroundWritesYield(t *testing.T) {
 	record := func(name string) writeFunc {
 		return func(*writeTx) error { mu.Lock(); order = append(order, name); mu.Unlock(); return nil }
 	}
-	queued := func(n int) {
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			st.queueMu.Lock()
-			q := len(st.queue)
-			st.queueMu.Unlock()
-			if q == n {
-				return
-			}
-		}
-		t.Fatalf("%d writes never queued", n)
-	}
 	var wg sync.WaitGroup
 	wg.Add(3)
 	go func() { defer wg.Done(); st.writeBackground(record("sweep")) }()
-	queued(1)
+	waitQueued(t, st, 1)
 	go func() { defer wg.Done(); st.write(record("client1")) }()
 	go func() { defer wg.Done(); st.write(record("client2")) }()
-	queued(3)
+	waitQueued(t, st, 3)
 	close(release)
 	wg.Wait()
 	if len(order) != 3 || order[2] != "sweep" {
