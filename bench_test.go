@@ -59,3 +59,42 @@ func BenchmarkDecodeBase64(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkParallelRequests is BenchmarkRequests with sixteen clients at
+// once, as tlsload -conns 16: contention (the PRNG lock, the writer, the
+// lookup connections, the scheduler) shows here and not with one client.
+func BenchmarkParallelRequests(b *testing.B) {
+	s := startServer(b, allCaches(3600))
+	session := b64(strings.Repeat("s", 2000))
+	prefill := dial(b, s.sock)
+	for i := range 1000 {
+		prefill.req("request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i), "session", session)
+	}
+	for _, bc := range []struct {
+		name string
+		req  func(i int) []string
+	}{
+		{"seed32", func(int) []string { return []string{"request", "seed", "size", "32"} }},
+		{"tktkey", func(int) []string { return []string{"request", "tktkey", "keyname", ""} }},
+		{"lookup2000", func(i int) []string {
+			return []string{"request", "lookup", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i%1000)}
+		}},
+		{"update2000", func(i int) []string {
+			return []string{"request", "update", "cache_type", "smtpd", "cache_id", fmt.Sprintf("id%d", i%1000), "session", session}
+		}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetParallelism(8) // 16 clients on two CPUs
+			b.RunParallel(func(pb *testing.PB) {
+				c := dial(b, s.sock)
+				for i := 0; pb.Next(); i++ {
+					if got := c.req(bc.req(i)...); !strings.HasPrefix(got, "status=0") {
+						b.Errorf("%s: %.60s", bc.name, got)
+						return
+					}
+				}
+			})
+		})
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"os/user"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -126,14 +127,19 @@ func parseDaemonArgs(args []string) (*daemonOptions, error) {
 // again if they are: a tlsmgr that has been busy since it started and then
 // crashes is restarted at once, as stock tlsmgr would be.
 type masterStatus struct {
-	mu         sync.Mutex
+	mu         sync.Mutex // taken to send a record or arm the timer
 	file       *os.File
 	generation uint32
-	inFlight   int
-	taken      bool        // the last record sent said "taken"
-	served     bool        // master has seen taken -> available once
-	availTimer *time.Timer // pending "available" record
-	onLost     func()      // master is gone: save state and exit
+	onLost     func() // master is gone: save state and exit
+
+	// Every request passes here twice; these let it pass without the
+	// lock unless a record may be due.
+	inFlight   atomic.Int64
+	taken      atomic.Bool  // the last record sent said "taken"
+	served     atomic.Bool  // master has seen taken -> available once
+	lastIdle   atomic.Int64 // UnixNano when no request was left in flight
+	availArmed atomic.Bool  // availTimer will check whether to send "available"
+	availTimer *time.Timer
 }
 
 // availDelay is how long we stay "taken" after the last request ends.
@@ -162,36 +168,47 @@ func (m *masterStatus) send(avail int32) error {
 }
 
 func (m *masterStatus) busy() {
+	m.inFlight.Add(1)
+	if m.taken.Load() {
+		return // sendAvail sees this request before it says "available"
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.inFlight++
-	if !m.taken {
-		m.taken = true
+	if !m.taken.Load() {
+		m.taken.Store(true)
 		m.sendOrExit(0)
 	}
 }
 
 func (m *masterStatus) idle() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.inFlight--
-	if !m.served {
-		m.served = true
-		m.taken = false
-		m.sendOrExit(1)
-		if m.inFlight > 0 {
-			m.taken = true
-			m.sendOrExit(0)
+	left := m.inFlight.Add(-1)
+	if !m.served.Load() {
+		m.mu.Lock()
+		if !m.served.Load() {
+			m.served.Store(true)
+			m.taken.Store(false)
+			m.sendOrExit(1)
+			if m.inFlight.Load() > 0 {
+				m.taken.Store(true)
+				m.sendOrExit(0)
+			}
+			m.mu.Unlock()
+			return
 		}
+		m.mu.Unlock()
+	}
+	if left > 0 {
 		return
 	}
-	if m.inFlight > 0 {
-		return
-	}
-	if m.availTimer == nil {
-		m.availTimer = time.AfterFunc(availDelay, m.sendAvail)
-	} else {
-		m.availTimer.Reset(availDelay)
+	m.lastIdle.Store(time.Now().UnixNano())
+	if m.availArmed.CompareAndSwap(false, true) {
+		m.mu.Lock()
+		if m.availTimer == nil {
+			m.availTimer = time.AfterFunc(availDelay, m.sendAvail)
+		} else {
+			m.availTimer.Reset(availDelay)
+		}
+		m.mu.Unlock()
 	}
 }
 
@@ -205,14 +222,30 @@ func (m *masterStatus) sendOrExit(avail int32) {
 	}
 }
 
-// sendAvail runs when no request has been in flight for availDelay.
+// sendAvail runs availDelay after a request left none in flight, and says
+// "available" once none has been in flight for availDelay.
 func (m *masterStatus) sendAvail() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.inFlight == 0 && m.taken {
-		m.taken = false
-		m.sendOrExit(1)
+	m.availArmed.Store(false) // from here on, a request that ends arms it again
+	if m.inFlight.Load() > 0 {
+		return
 	}
+	if wait := availDelay - time.Since(time.Unix(0, m.lastIdle.Load())); wait > 0 {
+		if m.availArmed.CompareAndSwap(false, true) {
+			m.availTimer.Reset(wait)
+		}
+		return
+	}
+	if !m.taken.Load() {
+		return
+	}
+	m.taken.Store(false)
+	if m.inFlight.Load() > 0 { // busy saw "taken" before we cleared it
+		m.taken.Store(true)
+		return
+	}
+	m.sendOrExit(1)
 }
 
 // watchMaster blocks until master closes its end of the status channel
