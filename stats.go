@@ -94,18 +94,17 @@ func (s *store) loadCounters() error {
 
 // saveCounters writes every counter in one transaction.
 func (s *store) saveCounters() error {
-	return s.writeBackground(func(*writeTx) error {
+	return s.writeBackground(func(tx *writeTx) error {
 		for scope, counters := range s.allCounters() {
 			for _, c := range counters {
-				if _, err := s.writer.Exec("INSERT INTO counters (scope, name, value) VALUES (?, ?, ?)"+
+				if err := tx.execSQL("INSERT INTO counters (scope, name, value) VALUES (?, ?, ?)"+
 					" ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value", scope, c.name, c.value.Load()); err != nil {
 					return err
 				}
 			}
 		}
-		_, err := s.writer.Exec("INSERT INTO counters_period (one, since, updated) VALUES (1, ?, ?)"+
+		return tx.execSQL("INSERT INTO counters_period (one, since, updated) VALUES (1, ?, ?)"+
 			" ON CONFLICT (one) DO UPDATE SET since = excluded.since, updated = excluded.updated", s.since, s.now().Unix())
-		return err
 	})
 }
 

@@ -20,6 +20,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"database/sql"
+	"database/sql/driver"
 	_ "embed"
 	"encoding/binary"
 	"errors"
@@ -71,7 +72,8 @@ type cache struct {
 	entries, bytes        atomic.Int64 // what the table holds now (bytes of session)
 	count                 cacheCounters
 
-	sizeStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, evictStmt, existsStmt *sql.Stmt
+	sizeStmt, expireStmt, updateStmt, deleteStmt, sweepStmt, evictStmt driver.Stmt // the writer's
+	existsStmt                                                         *sql.Stmt
 }
 
 // configured is what main.cf asks for; enabled is what this process does.
@@ -121,17 +123,18 @@ type store struct {
 	// Every write goes through one writer goroutine (writer.go), which
 	// makes each write and what it counts one step: the entry and byte
 	// counts that the limits use must match the table.
-	queueMu                           sync.Mutex
-	queue, batch                      []*writeRequest // waiting; being committed (reused)
-	leading, writesStopped            bool
-	backgroundWaited                  int        // transactions a background write waited through
-	idle                              *sync.Cond // no transaction under way
-	tx                                writeTx    // the leader's
-	beginStmt, commitStmt             *sql.Stmt
-	committed                         atomic.Int64 // writes since the last checkpoint
-	checkpointNow                     chan struct{}
-	checkpointer                      *sql.DB // one connection of its own
-	stopCheckpoints, checkpointerDone chan struct{}
+	queueMu                             sync.Mutex
+	queue, batch                        []*writeRequest // waiting; being committed (reused)
+	leading, writesStopped              bool
+	backgroundWaited                    int        // transactions a background write waited through
+	idle                                *sync.Cond // no transaction under way
+	tx                                  writeTx    // the leader's
+	beginStmt, commitStmt, rollbackStmt driver.Stmt
+	writeStmts                          []driver.Stmt // all the writer's, to close
+	committed                           atomic.Int64  // writes since the last checkpoint
+	checkpointNow                       chan struct{}
+	checkpointer                        *sql.DB // one connection of its own
+	stopCheckpoints, checkpointerDone   chan struct{}
 
 	service serviceCounters
 	since   int64 // when the counters began
@@ -448,27 +451,30 @@ func (s *store) warm(db *sql.DB, n int) error {
 	return nil
 }
 
+// prepare prepares a cache's statements: the writer's at the driver level
+// on its one connection (writer.go), the rest on the read pool.
 func (s *store) prepare(c *cache) error {
 	t := c.label + "_cache"
-	var err error
 	for _, p := range []struct {
-		stmt **sql.Stmt
-		db   *sql.DB
+		stmt *driver.Stmt
 		sql  string
 	}{
-		{&c.sizeStmt, s.writer, "SELECT length(session) FROM " + t + " WHERE hash = ?"},
-		{&c.expireStmt, s.writer, "DELETE FROM " + t + " WHERE hash = ? AND id = ? AND expires < ? RETURNING length(session)"},
-		{&c.updateStmt, s.writer, "INSERT INTO " + t + " (hash, id, session, stored, expires, " + decodedColumns + ")" +
+		{&c.sizeStmt, "SELECT length(session) FROM " + t + " WHERE hash = ?"},
+		{&c.expireStmt, "DELETE FROM " + t + " WHERE hash = ? AND id = ? AND expires < ? RETURNING length(session)"},
+		{&c.updateStmt, "INSERT INTO " + t + " (hash, id, session, stored, expires, " + decodedColumns + ")" +
 			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO UPDATE SET" +
 			" id = excluded.id, session = excluded.session, stored = excluded.stored, expires = excluded.expires" + decodedUpdates},
-		{&c.deleteStmt, s.writer, "DELETE FROM " + t + " WHERE hash = ? AND id = ? RETURNING length(session)"},
-		{&c.sweepStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?) RETURNING length(session)"},
-		{&c.evictStmt, s.writer, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " ORDER BY expires LIMIT ?) RETURNING length(session)"},
-		{&c.existsStmt, s.reader, "SELECT 1 FROM " + t + " WHERE hash = ? AND id = ?"},
+		{&c.deleteStmt, "DELETE FROM " + t + " WHERE hash = ? AND id = ? RETURNING length(session)"},
+		{&c.sweepStmt, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?) RETURNING length(session)"},
+		{&c.evictStmt, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " ORDER BY expires LIMIT ?) RETURNING length(session)"},
 	} {
-		if *p.stmt, err = p.db.Prepare(p.sql); err != nil {
+		if err := s.prepareWrite(p.stmt, p.sql); err != nil {
 			return fmt.Errorf("session cache database %s: prepare %q: %v", s.path, p.sql, err)
 		}
+	}
+	var err error
+	if c.existsStmt, err = s.reader.Prepare("SELECT 1 FROM " + t + " WHERE hash = ? AND id = ?"); err != nil {
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	return nil
 }
@@ -530,6 +536,7 @@ func (s *store) close() {
 	}
 	s.closed = true
 	s.stopWriter()
+	s.closeWriteStmts()
 	s.closeLookups()
 	for _, db := range []*sql.DB{s.reader, s.checkpointer} {
 		if db != nil {
@@ -608,21 +615,13 @@ func (s *store) find(c *cache, id string) ([]byte, int) {
 
 // deleteRows runs a DELETE ... RETURNING length(session) in the writer's
 // transaction and keeps the entry and byte counts.
-func (s *store) deleteRows(tx *writeTx, c *cache, stmt *sql.Stmt, args ...any) (int64, error) {
-	rows, err := stmt.Query(args...)
-	if err != nil {
-		return 0, err
-	}
-	defer rows.Close()
+func (s *store) deleteRows(tx *writeTx, c *cache, stmt driver.Stmt, args ...any) (int64, error) {
 	var n, bytes int64
-	for rows.Next() {
-		var size int64
-		if err := rows.Scan(&size); err != nil {
-			return 0, err
-		}
+	err := tx.query(stmt, func(row []driver.Value) {
+		size, _ := row[0].(int64)
 		n, bytes = n+1, bytes+size
-	}
-	if err := rows.Err(); err != nil {
+	}, args...)
+	if err != nil {
 		return 0, err // nothing was deleted: the statement rolled back
 	}
 	tx.add(&c.entries, -n)
@@ -642,12 +641,12 @@ func (s *store) update(c *cache, id string, session []byte) int {
 	args := append([]any{key, id, session, now, now + c.timeout}, decodedValues(session)...)
 	err := s.write(func(tx *writeTx) error {
 		var oldSize int64
-		err := c.sizeStmt.QueryRow(key).Scan(&oldSize)
-		replaces := err == nil // this id, or one of the same hash
-		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		replaces := false // this id, or one of the same hash
+		err := tx.query(c.sizeStmt, func(row []driver.Value) { oldSize, _ = row[0].(int64); replaces = true }, key)
+		if err != nil {
 			return err
 		}
-		if _, err := c.updateStmt.Exec(args...); err != nil {
+		if err := tx.exec(c.updateStmt, args...); err != nil {
 			return err
 		}
 		if replaces {
@@ -841,16 +840,16 @@ func (s *store) saveTicketKeys(cur, prev *ticketKey) {
 	if !s.keepKeys {
 		return
 	}
-	err := s.write(func(*writeTx) error {
-		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
+	err := s.write(func(tx *writeTx) error {
+		if err := tx.execSQL("DELETE FROM ticket_keys"); err != nil {
 			return err
 		}
 		for slot, k := range []*ticketKey{cur, prev} {
 			if k == nil {
 				continue
 			}
-			if _, err := s.writer.Exec("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
-				slot, k.name[:], k.bits[:], k.hmac[:], k.tout); err != nil {
+			if err := tx.execSQL("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
+				int64(slot), k.name[:], k.bits[:], k.hmac[:], k.tout); err != nil {
 				return err
 			}
 		}

@@ -14,7 +14,10 @@
 package main
 
 import (
+	"context"
+	"database/sql/driver"
 	"errors"
+	"io"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -73,6 +76,8 @@ type writeResult struct {
 // writeTx is what one transaction did to memory: the counter changes to
 // take back on rollback and what to do once it committed.
 type writeTx struct {
+	conn    driver.Conn // the writer's, while the transaction runs
+	args    []driver.NamedValue
 	deltas  []counterDelta
 	commits []func()
 }
@@ -99,7 +104,8 @@ func (tx *writeTx) undo() {
 	}
 }
 
-func (tx *writeTx) reset() {
+func (tx *writeTx) reset(conn driver.Conn) {
+	tx.conn = conn
 	clear(tx.deltas)
 	clear(tx.commits)
 	tx.deltas, tx.commits = tx.deltas[:0], tx.commits[:0]
@@ -255,37 +261,102 @@ func (s *store) stopWriter() {
 }
 
 // commit runs writes in one transaction; on any error nothing of it stays,
-// in the database or in memory.
+// in the database or in memory. It runs on the writer's one connection at
+// the driver level: database/sql's pool, argument conversion and row
+// wrappers cost more than SQLite's own work on this path.
 func (s *store) commit(tx *writeTx, batch []*writeRequest) error {
-	tx.reset()
-	if _, err := s.beginStmt.Exec(); err != nil {
+	conn, err := s.writer.Conn(context.Background())
+	if err != nil {
 		return err
 	}
-	for _, req := range batch {
-		if err := req.fn(tx); err != nil {
+	defer conn.Close() // back to the pool: the connection stays open
+	return conn.Raw(func(dc any) error {
+		tx.reset(dc.(driver.Conn))
+		if err := tx.exec(s.beginStmt); err != nil {
+			return err
+		}
+		for _, req := range batch {
+			if err := req.fn(tx); err != nil {
+				s.rollback(tx)
+				return err
+			}
+		}
+		if err := tx.exec(s.commitStmt); err != nil {
 			s.rollback(tx)
 			return err
 		}
-	}
-	if _, err := s.commitStmt.Exec(); err != nil {
-		s.rollback(tx)
-		return err
-	}
-	if s.committed.Add(int64(len(batch))) >= checkpointWrites {
-		select {
-		case s.checkpointNow <- struct{}{}:
-		default: // one is under way
+		if s.committed.Add(int64(len(batch))) >= checkpointWrites {
+			select {
+			case s.checkpointNow <- struct{}{}:
+			default: // one is under way
+			}
 		}
-	}
-	for _, f := range tx.commits {
-		f()
-	}
-	return nil
+		for _, f := range tx.commits {
+			f()
+		}
+		return nil
+	})
 }
 
 func (s *store) rollback(tx *writeTx) {
-	s.writer.Exec("ROLLBACK") // fails only when SQLite already rolled back
+	tx.exec(s.rollbackStmt) // fails only when SQLite already rolled back
 	tx.undo()
+}
+
+// exec runs one of the writer's prepared statements.
+func (tx *writeTx) exec(stmt driver.Stmt, args ...any) error {
+	named, err := tx.bind(args)
+	if err != nil {
+		return err
+	}
+	_, err = stmt.(driver.StmtExecContext).ExecContext(context.Background(), named)
+	return err
+}
+
+// query runs one of the writer's prepared statements and calls row for
+// each row it returns.
+func (tx *writeTx) query(stmt driver.Stmt, row func([]driver.Value), args ...any) error {
+	named, err := tx.bind(args)
+	if err != nil {
+		return err
+	}
+	rows, err := stmt.(driver.StmtQueryContext).QueryContext(context.Background(), named)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	values := make([]driver.Value, len(rows.Columns()))
+	for {
+		switch err := rows.Next(values); {
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return err
+		}
+		row(values)
+	}
+}
+
+// execSQL runs SQL text in the transaction, for writes off the hot path.
+func (tx *writeTx) execSQL(query string, args ...any) error {
+	stmt, err := tx.conn.(driver.ConnPrepareContext).PrepareContext(context.Background(), query)
+	if err != nil {
+		return err
+	}
+	defer stmt.Close()
+	return tx.exec(stmt, args...)
+}
+
+func (tx *writeTx) bind(args []any) ([]driver.NamedValue, error) {
+	tx.args = tx.args[:0]
+	for i, a := range args {
+		v, err := driver.DefaultParameterConverter.ConvertValue(a)
+		if err != nil {
+			return nil, err
+		}
+		tx.args = append(tx.args, driver.NamedValue{Ordinal: i + 1, Value: v})
+	}
+	return tx.args, nil
 }
 
 // runCheckpointer copies what the writer committed into the database file
@@ -339,10 +410,57 @@ func (s *store) checkpoint() (frames, left int, err error) {
 }
 
 // prepareWriter prepares what the writer runs for every transaction.
-func (s *store) prepareWriter() (err error) {
-	if s.beginStmt, err = s.writer.Prepare("BEGIN IMMEDIATE"); err != nil {
+func (s *store) prepareWriter() error {
+	for _, p := range []struct {
+		stmt *driver.Stmt
+		sql  string
+	}{{&s.beginStmt, "BEGIN IMMEDIATE"}, {&s.commitStmt, "COMMIT"}, {&s.rollbackStmt, "ROLLBACK"}} {
+		if err := s.prepareWrite(p.stmt, p.sql); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// prepareWrite prepares a statement on the writer's connection at the
+// driver level; closeWriteStmts closes them all.
+func (s *store) prepareWrite(stmt *driver.Stmt, query string) error {
+	conn, err := s.writer.Conn(context.Background())
+	if err != nil {
 		return err
 	}
-	s.commitStmt, err = s.writer.Prepare("COMMIT")
-	return err
+	defer conn.Close()
+	return conn.Raw(func(dc any) error {
+		prepared, err := dc.(driver.ConnPrepareContext).PrepareContext(context.Background(), query)
+		if err != nil {
+			return err
+		}
+		_, canExec := prepared.(driver.StmtExecContext)
+		_, canQuery := prepared.(driver.StmtQueryContext)
+		if !canExec || !canQuery {
+			prepared.Close()
+			return errors.New("the SQLite driver cannot run a prepared statement with a context")
+		}
+		*stmt = prepared
+		s.writeStmts = append(s.writeStmts, prepared)
+		return nil
+	})
+}
+
+func (s *store) closeWriteStmts() {
+	if s.writer == nil {
+		return
+	}
+	conn, err := s.writer.Conn(context.Background())
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	conn.Raw(func(any) error {
+		for _, stmt := range s.writeStmts {
+			stmt.Close()
+		}
+		return nil
+	})
+	s.writeStmts = nil
 }
