@@ -36,12 +36,6 @@ func (s *store) openLookups(db *sql.DB) error {
 		if err != nil {
 			return err
 		}
-		// 4 MiB of pages each (SQLite's default is 2): the b-trees'
-		// interior pages stay cached even at a million sessions.
-		if _, err := conn.ExecContext(context.Background(), "PRAGMA cache_size = -4096"); err != nil {
-			conn.Close()
-			return err
-		}
 		lc := &lookupConn{conn: conn, stmts: map[*cache]driver.StmtQueryContext{}}
 		lc.args[0].Ordinal, lc.args[1].Ordinal = 1, 2
 		s.lookups <- lc // closeLookups closes it, even if preparing fails
