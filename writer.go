@@ -231,13 +231,6 @@ func (s *store) startWriter() error {
 	if _, err := s.writer.Exec("PRAGMA wal_autocheckpoint = 0"); err != nil { // the checkpointer does it
 		return err
 	}
-	// The checkpointer does not sync: the caches are disposable (Postfix
-	// never syncs its own), a sync would hold the writer when the WAL
-	// restarts, and a kept database that a power failure damaged fails
-	// its check at start and is set aside.
-	if _, err := s.checkpointer.Exec("PRAGMA synchronous = OFF"); err != nil {
-		return err
-	}
 	s.idle = sync.NewCond(&s.queueMu)
 	s.stopCheckpoints = make(chan struct{})
 	s.checkpointNow = make(chan struct{})
