@@ -837,7 +837,11 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 		if n < int64(s.sweepBatch) {
 			return total, nil
 		}
-		s.restartWAL() // the sweep writes many pages: keep the WAL small meanwhile
+		// The sweep writes many pages: keep the WAL small meanwhile. The
+		// batch's frames are copied beside the writer first, so that the
+		// restart holds it only for what clients wrote since.
+		s.checkpoint()
+		s.restartWAL()
 	}
 }
 
