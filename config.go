@@ -83,7 +83,7 @@ var params = map[string]paramSpec{
 
 	// Ours. tlsmgr_database is the one SQLite file that holds all three caches.
 	"tlsmgr_database":         {kindString, "${data_directory}/tlsmgr.sqlite", 0, 0},
-	"tlsmgr_sweep_batch_size": {kindInt, "32", 1, 1000000},
+	"tlsmgr_sweep_batch_size": {kindInt, "16", 1, 1000000},
 	"tlsmgr_max_connections":  {kindInt, "1000", 1, 1000000},
 
 	// Bounded caches: past either limit the oldest sessions are evicted; 0
