@@ -838,11 +838,7 @@ func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 		if n < int64(s.sweepBatch) {
 			return total, nil
 		}
-		// The sweep writes many pages: keep the WAL small meanwhile. The
-		// batch's frames are copied beside the writer first, so that the
-		// restart holds it only for what clients wrote since.
-		s.checkpoint()
-		s.restartWAL()
+		s.restartWAL() // the sweep writes many pages: keep the WAL small meanwhile
 		// Rest twice as long as the batch took: the sweep then takes at
 		// most a third of a CPU from clients. Expired sessions are already
 		// invisible to lookups; only their disk space waits. Unpaced, a
