@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 )
 
 // lookupConns is how many lookups run at once: WAL lets them run beside
@@ -21,7 +22,7 @@ import (
 // on two cores, four connections were no faster than two (tlsload,
 // lookup=90,update=10 at 4 and 16 clients; lookup only at 4) and held
 // 4 MiB more.
-var lookupConns = min(max(cpus, 2), 8)
+var lookupConns = min(max(runtime.GOMAXPROCS(0), 2), 8)
 
 type lookupConn struct {
 	conn  *sql.Conn

@@ -54,31 +54,7 @@ var cacheLabels = []string{"smtpd", "smtp", "lmtp"}
 // -ldflags "-X main.version=... -X main.commit=...".
 var version, commit = "0.9.0", ""
 
-// cpus is how many CPUs the process may use: Go's GOMAXPROCS before
-// setProcs raises it, the CPU count or the cgroup's CPU limit.
-var cpus = runtime.GOMAXPROCS(0)
-
-// setProcs lets twice as many threads run Go code as there are CPUs,
-// unless the environment sets GOMAXPROCS (master(8) passes it only when
-// import_environment names it). SQLite reads, writes and locks its files
-// with blocking system calls on the calling goroutine's thread, and that
-// thread keeps its right to run Go code (a P) until the runtime's monitor
-// takes it back, 20 µs to 10 ms later. With one P per CPU, two lookups in
-// pread leave none for the clients whose requests have arrived, and their
-// replies wait. Measured with tlsload on 2 CPUs, 4 Ps against 2: p99 of
-// lookup-heavy load at 4 clients 800 against 1,000 µs, at 16 clients 4.6
-// against 6.9 ms; update-heavy at 4 clients 1.5 against 2.1 ms; seeds
-// and ticket keys at 16 clients 1.7-2.3 against 5-10 ms with 1.6 times
-// the throughput. The price: update-heavy load at 4 clients does about a
-// tenth fewer updates, as more woken threads contend for the one writer.
-func setProcs() {
-	if os.Getenv("GOMAXPROCS") == "" {
-		runtime.GOMAXPROCS(2 * cpus)
-	}
-}
-
 func main() {
-	setProcs()
 	args := os.Args[1:]
 	if len(args) > 0 && (args[0] == "-n" || args[0] == "-d") && (len(args) == 1 || strings.HasPrefix(args[1], "-")) {
 		// Not master's -n SERVICE: master always gives it a name.

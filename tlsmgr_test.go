@@ -765,23 +765,3 @@ func TestLargeRequestBuffersReleased(t *testing.T) {
 		c.conn.Close()
 	}
 }
-
-// TestSetProcs: twice the CPUs as Ps, so that SQLite's blocking file
-// system calls do not hold up the clients, unless GOMAXPROCS is set.
-func TestSetProcs(t *testing.T) {
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
-	for _, tc := range []struct {
-		env  string
-		want int
-	}{
-		{"", 2 * cpus},
-		{"1", cpus}, // the environment's choice stands: setProcs leaves GOMAXPROCS as it was
-	} {
-		t.Setenv("GOMAXPROCS", tc.env)
-		runtime.GOMAXPROCS(cpus)
-		setProcs()
-		if got := runtime.GOMAXPROCS(0); got != tc.want {
-			t.Errorf("GOMAXPROCS=%q: setProcs left %d Ps, want %d (cpus %d)", tc.env, got, tc.want, cpus)
-		}
-	}
-}
