@@ -71,6 +71,23 @@ func BenchmarkDecodeBase64(b *testing.B) {
 	}
 }
 
+// BenchmarkDecodeSession is the update path's reading of a session's
+// columns: an OpenSSL session with its peer certificate, and an opaque
+// blob such as tlsload sends, which is turned away.
+func BenchmarkDecodeSession(b *testing.B) {
+	for name, blob := range map[string][]byte{
+		"openssl": testSession(b, "tls12-ticket-sni"),
+		"opaque":  []byte("TLSLOAD1" + strings.Repeat("s", 1992)),
+	} {
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				decodedValues(blob)
+			}
+		})
+	}
+}
+
 // BenchmarkParallelRequests is BenchmarkRequests with sixteen clients at
 // once, as tlsload -conns 16: contention (the PRNG lock, the writer, the
 // lookup connections, the scheduler) shows here and not with one client.
