@@ -582,6 +582,7 @@ func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
 // start is Postfix's post-init: reseed, exchange update, cache cleanup.
 func (d *daemon) start() {
 	d.reseed()
+	go d.srv.adaptProcs()
 	go func() {
 		period := d.cfg.mustNum("tls_random_reseed_period")
 		for {
