@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"net"
 	"os"
 	"strings"
@@ -81,16 +82,28 @@ func (d *hashDRBG) reseed(entropy, additional []byte) error {
 	return nil
 }
 
-// addInto sets dst = (dst + src) mod 2^440, both big-endian; src may be shorter.
+// addInto sets dst = (dst + src) mod 2^440, both big-endian; src may be
+// shorter. Whole 64-bit words are added while src lasts (one request adds
+// a 32-byte hash and the 55-byte C), then the carry runs on only as far
+// as it goes (the reseed counter and block counter touch a few bytes).
 func addInto(dst *[seedLenBytes]byte, src []byte) {
-	carry := 0
-	for i, j := seedLenBytes-1, len(src)-1; i >= 0; i, j = i-1, j-1 {
-		sum := int(dst[i]) + carry
-		if j >= 0 {
-			sum += int(src[j])
-		}
-		dst[i] = byte(sum)
-		carry = sum >> 8
+	if len(src) > seedLenBytes {
+		src = src[len(src)-seedLenBytes:] // the rest is a multiple of 2^440
+	}
+	var carry uint64
+	i, j := seedLenBytes, len(src) // the bytes not yet added end here
+	for ; j >= 8; i, j = i-8, j-8 {
+		var sum uint64
+		sum, carry = bits.Add64(binary.BigEndian.Uint64(dst[i-8:i]), binary.BigEndian.Uint64(src[j-8:j]), carry)
+		binary.BigEndian.PutUint64(dst[i-8:i], sum)
+	}
+	for ; j > 0; i, j = i-1, j-1 {
+		sum := uint64(dst[i-1]) + uint64(src[j-1]) + carry
+		dst[i-1], carry = byte(sum), sum>>8
+	}
+	for ; carry != 0 && i > 0; i-- {
+		sum := uint64(dst[i-1]) + carry
+		dst[i-1], carry = byte(sum), sum>>8
 	}
 }
 
@@ -106,12 +119,16 @@ func (d *hashDRBG) generate(out, additional []byte) error {
 		return errNeedReseed
 	}
 	if len(additional) > 0 {
-		h := sha256.New()
-		h.Write([]byte{2})
-		h.Write(d.v[:])
-		h.Write(additional)
-		var w [sha256.Size]byte
-		addInto(&d.v, h.Sum(w[:0]))
+		// w = Hash(0x02 || V || additional), hashed in one call from the
+		// stack when additional is at most 32 bytes (a seed request's 8
+		// bytes of time; NIST's vectors' 32).
+		var in [1 + seedLenBytes + 32]byte
+		buf := append(in[:0], 2)
+		buf = append(buf, d.v[:]...)
+		buf = append(buf, additional...)
+		w := sha256.Sum256(buf)
+		addInto(&d.v, w[:])
+		clear(in[:])
 	}
 	data := d.v
 	var block [sha256.Size]byte

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/hex"
+	"math/big"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -64,6 +66,42 @@ func TestHashDRBGLiteralVectors(t *testing.T) {
 }
 
 // TestHashDRBGNISTFiles runs all 480 records of the shared NIST files.
+// TestAddInto checks V + x mod 2^440 against math/big for every length of
+// x the DRBG adds (a counter byte, the 8-byte reseed counter, a 32-byte
+// hash, the 55-byte C) and the lengths around the 64-bit words, with
+// carries that run off the top.
+func TestAddInto(t *testing.T) {
+	mod := new(big.Int).Lsh(big.NewInt(1), 8*seedLenBytes)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{0, 1, 7, 8, 9, 15, 16, 32, 54, 55, 56, 70} {
+		for _, fill := range []string{"random", "all ones"} {
+			for range 50 {
+				var dst [seedLenBytes]byte
+				src := make([]byte, n)
+				for i := range dst {
+					dst[i] = byte(rng.Uint32())
+				}
+				for i := range src {
+					src[i] = byte(rng.Uint32())
+				}
+				if fill == "all ones" {
+					for i := range dst {
+						dst[i] = 0xff
+					}
+				}
+				want := new(big.Int).Add(new(big.Int).SetBytes(dst[:]), new(big.Int).SetBytes(src))
+				want.Mod(want, mod)
+				addInto(&dst, src)
+				var wantBytes [seedLenBytes]byte
+				want.FillBytes(wantBytes[:])
+				if dst != wantBytes {
+					t.Fatalf("%d-byte addend, %s: got %x, want %x", n, fill, dst, wantBytes)
+				}
+			}
+		}
+	}
+}
+
 func TestHashDRBGNISTFiles(t *testing.T) {
 	dir := "../shared/reference/drbg"
 	files, _ := filepath.Glob(filepath.Join(dir, "*.fax"))
