@@ -128,7 +128,8 @@ func (d *hashDRBG) generate(out, additional []byte) error {
 		buf = append(buf, additional...)
 		w := sha256.Sum256(buf)
 		addInto(&d.v, w[:])
-		clear(in[:])
+		clear(buf) // V's copy: in, or the heap when additional was longer
+		clear(w[:])
 	}
 	data := d.v
 	var block [sha256.Size]byte
