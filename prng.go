@@ -49,26 +49,32 @@ type hashDRBG struct {
 	reseedCounter uint64
 }
 
-// hashDF is the derivation function of SP 800-90A §10.3.1.
-func hashDF(outLen int, inputs ...[]byte) []byte {
-	out := make([]byte, 0, outLen+sha256.Size)
-	var hdr [5]byte
-	binary.BigEndian.PutUint32(hdr[1:], uint32(outLen*8))
-	for counter := byte(1); len(out) < outLen; counter++ {
-		hdr[0] = counter
-		h := sha256.New()
-		h.Write(hdr[:])
-		for _, in := range inputs {
-			h.Write(in)
-		}
-		out = h.Sum(out)
+// hashDF is the derivation function of SP 800-90A §10.3.1: it fills dst,
+// seedlen bytes, from the inputs. Its temporaries, which hold copies of
+// the state, are wiped before it returns.
+func hashDF(dst *[seedLenBytes]byte, inputs ...[]byte) {
+	n := 5
+	for _, in := range inputs {
+		n += len(in)
 	}
-	return out[:outLen]
+	buf := make([]byte, 5, n) // counter || no_of_bits_to_return || inputs
+	binary.BigEndian.PutUint32(buf[1:], uint32(seedLenBytes*8))
+	for _, in := range inputs {
+		buf = append(buf, in...)
+	}
+	var block [sha256.Size]byte
+	for counter, off := byte(1), 0; off < seedLenBytes; counter++ {
+		buf[0] = counter
+		block = sha256.Sum256(buf)
+		off += copy(dst[off:], block[:])
+	}
+	clear(buf)
+	clear(block[:])
 }
 
 func (d *hashDRBG) instantiate(entropy, nonce, personalization []byte) {
-	copy(d.v[:], hashDF(seedLenBytes, entropy, nonce, personalization))
-	copy(d.c[:], hashDF(seedLenBytes, []byte{0}, d.v[:]))
+	hashDF(&d.v, entropy, nonce, personalization)
+	hashDF(&d.c, []byte{0}, d.v[:])
 	d.reseedCounter = 1
 }
 
@@ -76,8 +82,11 @@ func (d *hashDRBG) reseed(entropy, additional []byte) error {
 	if d.reseedCounter == 0 {
 		return errNotInstantiated // reseeding would restart from a known (zero) V
 	}
-	copy(d.v[:], hashDF(seedLenBytes, []byte{1}, d.v[:], entropy, additional))
-	copy(d.c[:], hashDF(seedLenBytes, []byte{0}, d.v[:]))
+	var v [seedLenBytes]byte
+	hashDF(&v, []byte{1}, d.v[:], entropy, additional)
+	d.v = v
+	clear(v[:])
+	hashDF(&d.c, []byte{0}, d.v[:])
 	d.reseedCounter = 1
 	return nil
 }
@@ -251,6 +260,28 @@ func (p *pool) wipe() {
 	p.mu.Unlock()
 }
 
+// wipeAtExit is wipe for the exit path, which must not hang: it waits a
+// little for the lock, and wipes without it should a stuck goroutine hold
+// it. Once wiped, the pool refuses to generate.
+func (p *pool) wipeAtExit() {
+	if lockSoon(&p.mu) {
+		defer p.mu.Unlock()
+	}
+	p.drbg.wipe()
+}
+
+// lockSoon takes mu if it becomes free within 100 ms.
+func lockSoon(mu *sync.Mutex) bool {
+	for deadline := time.Now().Add(100 * time.Millisecond); ; time.Sleep(time.Millisecond) {
+		if mu.TryLock() {
+			return true
+		}
+		if !time.Now().Before(deadline) {
+			return false
+		}
+	}
+}
+
 // entropySource is tls_random_source, opened before chroot. Postfix exits
 // when it cannot open or read it, so that master(8) starts a process that
 // reopens it; our pool takes fresh kernel entropy at every reseed, so
@@ -291,10 +322,12 @@ func openEntropySource(spec string, bytes int) *entropySource {
 	return s
 }
 
+// open opens the source without blocking: O_NONBLOCK, so that a FIFO, or a
+// device that has nothing to give, cannot hold up start-up or a reseed.
 func (s *entropySource) open() error {
 	switch s.kind {
 	case "dev":
-		f, err := os.Open(s.path)
+		f, err := os.OpenFile(s.path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return fmt.Errorf("cannot open entropy device %s: %s", s.path, errText(err))
 		}
@@ -306,7 +339,7 @@ func (s *entropySource) open() error {
 		}
 		s.egd = c
 	case "file":
-		f, err := os.Open(s.path)
+		f, err := os.OpenFile(s.path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return fmt.Errorf("cannot open entropy file %s: %s", s.path, errText(err))
 		}
@@ -339,7 +372,7 @@ func (s *entropySource) gather() ([]byte, error) {
 	switch s.kind {
 	case "dev":
 		buf := make([]byte, n)
-		got, err := readWithTimeout(s.file, buf)
+		got, err := readBounded(s.file, buf)
 		if got <= 0 {
 			if err == nil {
 				err = io.EOF
@@ -359,34 +392,38 @@ func (s *entropySource) gather() ([]byte, error) {
 		return buf, nil
 	default: // a plain file, read once from the start, as Postfix does
 		defer func() { s.file.Close(); s.file = nil; s.done = true }()
-		if _, err := s.file.Seek(0, io.SeekStart); err != nil {
+		if _, err := s.file.Seek(0, io.SeekStart); err != nil && !errors.Is(err, syscall.ESPIPE) {
 			return nil, fmt.Errorf("cannot read from entropy file %s: %s", s.path, errText(err))
 		}
-		buf, err := io.ReadAll(io.LimitReader(s.file, int64(s.bytes)))
-		if err != nil {
-			return buf, fmt.Errorf("cannot read from entropy file %s: %s", s.path, errText(err))
+		buf := make([]byte, s.bytes)
+		got := 0
+		deadline := time.Now().Add(sourceTimeout)
+		for got < len(buf) {
+			s.file.SetReadDeadline(deadline)
+			k, err := s.file.Read(buf[got:])
+			got += k
+			if err == io.EOF || k == 0 && err == nil {
+				break
+			}
+			if err != nil {
+				return buf[:got], fmt.Errorf("cannot read from entropy file %s: %s", s.path, errText(err))
+			}
 		}
-		return buf, nil
+		return buf[:got], nil
 	}
 }
 
-// readWithTimeout bounds a read from a device that might block forever.
-func readWithTimeout(f *os.File, buf []byte) (int, error) {
-	type result struct {
-		n   int
-		err error
+// readBounded reads once from a source opened O_NONBLOCK, waiting at most
+// sourceTimeout: through the poller for what it can wait on (a FIFO, most
+// devices), not at all for the rest, whose read returns at once. No
+// goroutine is left behind, and a source that times out is closed.
+func readBounded(f *os.File, buf []byte) (int, error) {
+	f.SetReadDeadline(time.Now().Add(sourceTimeout)) // ErrNoDeadline: the read does not wait
+	n, err := f.Read(buf)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = errors.New("timeout")
 	}
-	done := make(chan result, 1)
-	go func() {
-		n, err := f.Read(buf)
-		done <- result{n, err}
-	}()
-	select {
-	case r := <-done:
-		return r.n, r.err
-	case <-time.After(sourceTimeout):
-		return 0, errors.New("timeout")
-	}
+	return n, err
 }
 
 // egdRead speaks the EGD protocol: 0x01 N, then a count byte and that many bytes.
@@ -467,6 +504,26 @@ func (x *exchangeFile) forget() {
 	x.mu.Unlock()
 }
 
+// exchangeLockWait bounds the wait for the exchange file's lock: another
+// tlsmgr holds it for microseconds; a process that holds it longer only
+// costs the update, never a start or an exit.
+const exchangeLockWait = time.Second
+
+// lockBounded takes an exclusive flock, waiting at most wait.
+func lockBounded(fd int, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		err := syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB)
+		if err != syscall.EWOULDBLOCK && err != syscall.EINTR {
+			return err
+		}
+		if !time.Now().Before(deadline) {
+			return errors.New("another process holds its lock")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // update reads what is there into the pool and writes 1024 fresh bytes,
 // under an exclusive flock so that concurrent tlsmgr processes take turns.
 // A longer file is cut to 1024 bytes, so that it is always that size.
@@ -477,8 +534,8 @@ func (x *exchangeFile) update(p *pool) error {
 		return nil
 	}
 	fd := int(x.file.Fd())
-	if err := syscall.Flock(fd, syscall.LOCK_EX); err != nil {
-		return fmt.Errorf("cannot lock PRNG exchange file %s: %s", x.path, errText(err))
+	if err := lockBounded(fd, exchangeLockWait); err != nil {
+		return fmt.Errorf("cannot lock PRNG exchange file %s: %s; not updating it this time", x.path, errText(err))
 	}
 	defer syscall.Flock(fd, syscall.LOCK_UN)
 	buf := make([]byte, exchangeFileSize)
