@@ -12,9 +12,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	gsyslog "github.com/hashicorp/go-syslog"
 )
@@ -144,6 +147,63 @@ func sanitize(s string) string {
 	return string(b)
 }
 
+// escapeText makes text from a file, a peer or a server safe to print on
+// a terminal, and says what it was: a backslash is doubled, and every
+// byte of a control character (C0, DEL, C1), of a Unicode bidirectional
+// control, or of invalid UTF-8 becomes \xHH. Anything else is unchanged.
+func escapeText(s string) string { return escapeWith(s, `\x%02x`, true) }
+
+// escapeDN is escapeText for a distinguished name that is already in RFC
+// 4514 form (which escapes backslashes itself): a control byte becomes
+// RFC 4514's \HH.
+func escapeDN(s string) string { return escapeWith(s, `\%02x`, false) }
+
+func escapeWith(s, hexForm string, backslash bool) string {
+	if isPlainText(s) && (!backslash || !strings.Contains(s, `\`)) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == '\\' && backslash:
+			b.WriteString(`\\`)
+		case unsafeRune(r, size):
+			for _, c := range []byte(s[i : i+size]) {
+				fmt.Fprintf(&b, hexForm, c)
+			}
+		default:
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	return b.String()
+}
+
+func isPlainText(s string) bool {
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if unsafeRune(r, size) {
+			return false
+		}
+		i += size
+	}
+	return true
+}
+
+// unsafeRune reports a rune that a terminal acts on, or invalid UTF-8.
+func unsafeRune(r rune, size int) bool {
+	switch {
+	case r == utf8.RuneError && size <= 1:
+		return true
+	case r < 0x20 || r >= 0x7f && r <= 0x9f:
+		return true
+	case r >= 0x202a && r <= 0x202e, r >= 0x2066 && r <= 0x2069, r == 0x200e, r == 0x200f, r == 0x061c:
+		return true
+	}
+	return false
+}
+
 func (l *logger) info(format string, args ...any) { l.emit(gsyslog.LOG_INFO, "", format, args...) }
 func (l *logger) warn(format string, args ...any) {
 	l.emit(gsyslog.LOG_WARNING, "warning: ", format, args...)
@@ -182,6 +242,26 @@ func (l *logger) debug(format string, args ...any) {
 	if l.verbose > 0 {
 		l.info(format, args...)
 	}
+}
+
+// logPanic, deferred first in every goroutine of ours, logs a panic as a
+// fatal error, so that it reaches the mail log (under master(8) stderr
+// goes nowhere), with the frames that led to it, and exits 1.
+func logPanic() {
+	r := recover()
+	if r == nil {
+		return
+	}
+	var frames []string
+	pcs := make([]uintptr, 16)
+	it := runtime.CallersFrames(pcs[:runtime.Callers(3, pcs)])
+	for f, more := it.Next(); ; f, more = it.Next() {
+		frames = append(frames, fmt.Sprintf("%s:%d", filepath.Base(f.File), f.Line))
+		if !more {
+			break
+		}
+	}
+	msg.fatal("panic: %v (at %s)", r, strings.Join(frames, " < "))
 }
 
 // fatal logs and exits 1; master(8) then logs the exit status and, if no

@@ -3,6 +3,9 @@
 //
 // SECURITY: it prints what the server sends, including session bytes and
 // ticket keys when asked for them; it is a tool for the socket's owner.
+// The server is not trusted: a reply is bounded, binary values are shown
+// in hex, and any other text is escaped (escapeText) before it reaches
+// the terminal.
 
 package main
 
@@ -129,6 +132,9 @@ func runQuery(socket string, args []string, repeat int, raw bool) int {
 	return 0
 }
 
+// maxReplyAttrs bounds a reply: tlsmgr's have at most three attributes.
+const maxReplyAttrs = 16
+
 // readList reads one attr0 list as name/value pairs.
 func readList(r *attrReader) ([][2]string, error) {
 	var list [][2]string
@@ -139,6 +145,9 @@ func readList(r *attrReader) ([][2]string, error) {
 		}
 		if len(name) == 0 {
 			return list, nil
+		}
+		if len(list) == maxReplyAttrs {
+			return nil, fmt.Errorf("more than %d attributes in one reply", maxReplyAttrs)
 		}
 		n := string(name)
 		value, err := r.token("reply attribute value")
@@ -181,5 +190,5 @@ func describeAttr(req, name, value string) string {
 		}
 		return fmt.Sprintf("%s=%x (%d bytes)", name, b, len(b))
 	}
-	return name + "=" + value
+	return escapeText(name) + "=" + escapeText(value) // the server's text: never raw to a terminal
 }

@@ -26,8 +26,11 @@
 // (OpenSSL's ssl/ssl_asn1.c). The blob stays opaque to the protocol: it is
 // stored exactly as it came, and a blob that does not decode only leaves
 // the columns NULL. SECURITY: only what is not secret is taken out (never
-// the master key, the ticket, PSK identities or resumption secrets), and
-// decoding errors are never logged with the bytes that caused them.
+// the master key, the ticket, PSK identities or resumption secrets),
+// decoding errors are never logged with the bytes that caused them, and
+// the text a peer chose (SNI, certificate subject and issuer) is stored
+// with its control characters escaped, so that no reader of the sessions
+// view gets a terminal escape sequence from a remote server.
 
 package main
 
@@ -41,7 +44,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 )
 
 // sessionInfo is what the readable columns hold for one session.
@@ -58,7 +60,7 @@ type sessionInfo struct {
 
 // peerCert is the part of the peer's certificate an administrator asks for.
 type peerCert struct {
-	subject, issuer string // RFC 2253, as openssl x509 -nameopt RFC2253 prints them
+	subject, issuer string // RFC 2253, as openssl x509 -nameopt RFC2253 prints them; controls as \HH
 	fingerprint     string // SHA-256 of the DER, colon-separated upper-case hex, as Postfix logs it
 	notAfter        int64  // UNIX time; 0 when the validity does not parse
 }
@@ -102,7 +104,7 @@ func decodeSession(blob []byte) (*sessionInfo, error) {
 		cipher:         cipherName(uint16(s.Cipher[0])<<8 | uint16(s.Cipher[1])),
 		time:           s.Time,
 		timeout:        s.Timeout,
-		sni:            printable(s.Hostname),
+		sni:            peerText(s.Hostname),
 		hasTicket:      len(s.Ticket.Bytes) > 0,
 		ticketLifetime: s.TickLifetime,
 		verifyResult:   s.VerifyResult,
@@ -192,18 +194,14 @@ func cipherName(id uint16) string {
 	return tls.CipherSuiteName(id) // "0x%04X" for an id it does not know
 }
 
-// printable returns s when it is a clean UTF-8 string without control
-// characters; anything else is not a host name, and is not shown.
-func printable(s []byte) string {
-	if len(s) == 0 || len(s) > 255 || !utf8.Valid(s) {
-		return ""
+// peerText is a name the peer chose (its SNI), bounded, with every
+// control character and invalid byte escaped as \xHH (escapeText): it is
+// shown by the sessions view and printed by recipes on terminals.
+func peerText(s []byte) string {
+	if len(s) > 255 {
+		s = s[:255]
 	}
-	for _, r := range string(s) {
-		if r < 0x20 || r == 0x7f {
-			return ""
-		}
-	}
-	return string(s)
+	return escapeText(string(s))
 }
 
 // peerCertCache remembers the certificates it has parsed: a client cache
@@ -269,7 +267,9 @@ func rdnString(der []byte) string {
 	if rest, err := asn1.Unmarshal(der, &rdns); err != nil || len(rest) != 0 {
 		return ""
 	}
-	return rdns.String() // in the certificate's own order, reversed as RFC 2253 wants
+	// In the certificate's own order, reversed as RFC 2253 wants, with
+	// control characters escaped as RFC 4514's \HH: the peer chose them.
+	return escapeDN(rdns.String())
 }
 
 func colonHex(b []byte) string {
