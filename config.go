@@ -487,19 +487,22 @@ func (c *config) boolean(name string) (bool, error) {
 	return false, fmt.Errorf("bad boolean configuration: %s = %s (want yes or no)", name, v)
 }
 
+// mustBool, mustNum and mustStr are boolean, num and str for parameters
+// that validate() has already accepted. Should one fail all the same, the
+// error is fatal and logged where the mail log is, as Postfix's are (a
+// panic would go to stderr, which under master(8) goes nowhere).
 func (c *config) mustBool(name string) bool {
 	b, err := c.boolean(name)
 	if err != nil {
-		panic(err)
+		msg.fatal("%v", err)
 	}
 	return b
 }
 
-// mustNum is num for parameters that validate() has already accepted.
 func (c *config) mustNum(name string) int64 {
 	n, err := c.num(name)
 	if err != nil {
-		panic(err)
+		msg.fatal("%v", err)
 	}
 	return n
 }
@@ -507,7 +510,7 @@ func (c *config) mustNum(name string) int64 {
 func (c *config) mustStr(name string) string {
 	s, err := c.str(name)
 	if err != nil {
-		panic(err)
+		msg.fatal("%v", err)
 	}
 	return s
 }
