@@ -3,13 +3,16 @@
 // per database.
 //
 // SECURITY: data_directory belongs to mail_owner, so whoever controls that
-// account can plant symbolic links, hard links or foreign files in it. As
-// Postfix's tlsmgr does (set_eugid), we open these files only while the
-// effective uid and gid are mail_owner's, so a planted link reaches nothing
-// that mail_owner could not reach anyway. We also never follow a symbolic
-// link (O_NOFOLLOW), check with fstat that what we opened is a regular file
-// of mail_owner's with one link, and set its mode through the descriptor.
-// Nothing here changes an owner or a mode by name.
+// account can plant symbolic links, hard links or foreign files in it, and
+// write anything into the files. As Postfix's tlsmgr does (set_eugid), we
+// open these files in pre-init only while the effective uid and gid are
+// mail_owner's, so a planted link reaches nothing that mail_owner could
+// not reach anyway. We also never follow a symbolic link (O_NOFOLLOW),
+// check with fstat that what we opened is a regular file of mail_owner's
+// with one link, and set its mode through the descriptor. Nothing here
+// changes an owner or a mode by name, and nothing here reads what a file
+// holds: that is post-init's, once no uid is root's (main.go). SQLite is
+// handed these descriptors, never the names (pin.go).
 
 package main
 
@@ -47,12 +50,19 @@ func setEUGID(uid, gid int) error {
 			return fmt.Errorf("seteuid(%d): %s", uid, errText(err))
 		}
 	}
+	noCoreDumps() // a change of credentials made us dumpable again
 	return nil
 }
 
 // asMailOwner runs open with the effective uid and gid of owner, then
 // becomes root again for chroot and the final privilege drop. Without an
 // owner (we are not root) it runs open as we are.
+//
+// It limits only what opening a name can reach. While open runs, and after
+// it, the real and saved uids are still root's: a process that parsed a
+// crafted file now could be made to take root back. So open may open and
+// fstat files, never read what is in them; the reading waits for
+// postJailInit, after enterJail has dropped every uid.
 func asMailOwner(owner *mailOwner, open func() error) error {
 	if owner == nil || os.Geteuid() != 0 {
 		return open()
@@ -241,44 +251,27 @@ func removeName(path string) error {
 	return nil
 }
 
-// sameFile reports whether path names, without following a link, the
-// regular file of uid with one link that fd is open on.
-func sameFile(path string, fd int, uid int) error {
-	var byName, byFd syscall.Stat_t
-	if err := syscall.Lstat(path, &byName); err != nil {
-		return &os.PathError{Op: "lstat", Path: path, Err: err}
-	}
-	if err := syscall.Fstat(fd, &byFd); err != nil {
-		return &os.PathError{Op: "fstat", Path: path, Err: err}
-	}
-	if byName.Dev != byFd.Dev || byName.Ino != byFd.Ino {
-		return &badFileError{path, "it was replaced while tlsmgr opened it"}
-	}
-	return checkCompanion(path, uid)
-}
-
-// checkCompanion checks, by name, a file that SQLite created itself.
-func checkCompanion(path string, uid int) error {
-	var st syscall.Stat_t
-	if err := syscall.Lstat(path, &st); err != nil {
-		if err == syscall.ENOENT {
-			return nil
-		}
-		return &os.PathError{Op: "lstat", Path: path, Err: err}
-	}
-	if why := statProblem(&st, uid, 1); why != "" {
-		return &badFileError{path, why}
-	}
-	if st.Mode&0o077 != 0 {
-		return &badFileError{path, fmt.Sprintf("it has mode %04o, not 0600", st.Mode&0o7777)}
-	}
-	return nil
-}
-
 // errDatabaseInUse is returned when another tlsmgr holds the database lock.
+// The holder's pid is read from the lock file only after privileges are
+// dropped (readHolder): it is a file that mail_owner can write.
 type errDatabaseInUse struct {
 	path string
 	pid  string
+	lock *os.File // the lock file, open for readHolder; nil when not known
+}
+
+// readHolder reads the pid that the lock file holds, for the message.
+func (e *errDatabaseInUse) readHolder() {
+	if e.lock == nil {
+		return
+	}
+	var buf [16]byte
+	n, _ := e.lock.ReadAt(buf[:], 0)
+	e.lock.Close()
+	e.lock = nil
+	if pid := strings.TrimSpace(string(buf[:n])); pid != "" && strings.Trim(pid, "0123456789") == "" {
+		e.pid = pid
+	}
 }
 
 func (e *errDatabaseInUse) Error() string {
@@ -327,10 +320,7 @@ func lockDatabase(dbPath string, uid int, wait time.Duration) (*os.File, error) 
 			return nil, &os.PathError{Op: "lock", Path: path, Err: err}
 		}
 		if !time.Now().Before(deadline) {
-			var buf [32]byte
-			n, _ := f.ReadAt(buf[:], 0)
-			f.Close()
-			return nil, &errDatabaseInUse{path: dbPath, pid: strings.TrimSpace(string(buf[:n]))}
+			return nil, &errDatabaseInUse{path: dbPath, lock: f}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -194,8 +194,12 @@ func TestDatabaseLock(t *testing.T) {
 	}
 	_, err = lockDatabase(db, os.Geteuid(), 0)
 	var inUse *errDatabaseInUse
-	if !errors.As(err, &inUse) || inUse.Error() != "session cache database "+db+" is in use by another tlsmgr (pid "+strconv.Itoa(os.Getpid())+")" {
+	if !errors.As(err, &inUse) || inUse.Error() != "session cache database "+db+" is in use by another tlsmgr" {
 		t.Fatalf("second lock: %v", err)
+	}
+	inUse.readHolder() // after the privilege drop: the lock file is mail_owner's
+	if inUse.Error() != "session cache database "+db+" is in use by another tlsmgr (pid "+strconv.Itoa(os.Getpid())+")" {
+		t.Fatalf("second lock, holder read: %v", err)
 	}
 	time.AfterFunc(300*time.Millisecond, func() { first.Close() })
 	start := time.Now()

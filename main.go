@@ -4,8 +4,8 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
-	"database/sql"
 	"errors"
 	"flag"
 	"fmt"
@@ -55,6 +55,8 @@ var cacheLabels = []string{"smtpd", "smtp", "lmtp"}
 var version, commit = "0.9.0", ""
 
 func main() {
+	defer logPanic()
+	noCoreDumps()
 	args := os.Args[1:]
 	if len(args) > 0 && (args[0] == "-n" || args[0] == "-d") && (len(args) == 1 || strings.HasPrefix(args[1], "-")) {
 		// Not master's -n SERVICE: master always gives it a name.
@@ -70,7 +72,7 @@ func main() {
 // isStandaloneFlag tells our long flags from Postfix's one-letter options.
 func isStandaloneFlag(a string) bool {
 	switch strings.TrimLeft(a, "-") {
-	case "listen", "query", "stats", "version", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw":
+	case "listen", "query", "stats", "version", "config", "data", "socket", "help", "h", "mailconfig", "repeat", "raw", "user":
 		return strings.HasPrefix(a, "-")
 	}
 	return strings.HasPrefix(a, "--")
@@ -137,8 +139,11 @@ func runUnderMaster(args []string) {
 		msg.fatal("chdir(\"%s\"): %s", queueDir, errText(err))
 	}
 
-	// 4. Pre-init: the entropy source as root, then, as mail_owner, every
-	// file in data_directory.
+	// Nothing from here on may hang start-up: the watchdog covers it.
+	startup := startupWatchdog(cfg)
+
+	// 4. Pre-init, as root: the entropy source, then, as mail_owner, every
+	// file in data_directory, opened and not read.
 	var owner *mailOwner
 	if opts.dropPrivs || os.Geteuid() == 0 {
 		var err error
@@ -146,7 +151,7 @@ func runUnderMaster(args []string) {
 			msg.fatal("%s/main.cf: %v", configDir, err)
 		}
 	}
-	d := openDaemon(cfg, owner, false)
+	d := preJailInit(cfg, owner, false)
 	var lns []net.Listener
 	if !opts.stdinStream {
 		var err error
@@ -155,18 +160,24 @@ func runUnderMaster(args []string) {
 		}
 	}
 
-	// 5. chroot(queue_directory) and drop to mail_owner.
+	// 5. chroot(queue_directory) and drop to mail_owner: real, effective
+	// and saved uid. Without -u (master.cf's unprivileged = n) Postfix's
+	// tlsmgr keeps root; ours never needs it after pre-init, and reads
+	// nothing as root, so it drops all the same.
 	dropTo := owner
-	if !opts.dropPrivs {
-		dropTo = nil
+	if os.Geteuid() != 0 {
+		dropTo = nil // nothing to drop (tests, -S by hand)
+	} else if !opts.dropPrivs {
+		msg.warn("master.cf runs %s with unprivileged = n; it drops to mail_owner %s anyway, as it never needs root after start-up", serviceName, owner.name)
 	}
 	if err := enterJail(queueDir, opts.chroot, dropTo); err != nil {
 		msg.fatal("%v", err)
 	}
 	d.chrooted = opts.chroot
 
-	// 6. Post-init: reseed, exchange file, cache cleanup, then serve.
-	d.start()
+	// 6. Post-init, as mail_owner: the database, kept keys, reseed,
+	// exchange file, cache cleanup; then serve.
+	d.postJailInit()
 	d.srv.streamName = serviceName + " socket"
 	if len(opts.strayArgs) > 0 {
 		d.srv.strayArg = opts.strayArgs[0]
@@ -185,10 +196,14 @@ func runUnderMaster(args []string) {
 	syscall.CloseOnExec(4)
 	d.srv.busy, d.srv.idle = status.busy, status.idle
 	go status.watchMaster()
+	startup.Stop()
 	go watchdog(time.Duration(cfg.mustNum("daemon_timeout"))*time.Second, d.healthCheck)
 	d.exitOnSignals()
 	for _, ln := range lns[1:] {
-		go d.srv.serveListener(ln)
+		go func() {
+			defer logPanic()
+			d.srv.serveListener(ln)
+		}()
 	}
 	d.srv.serveListener(lns[0])
 	select {} // the listener is closed only by an orderly exit, which ends the process
@@ -209,6 +224,7 @@ func runStandalone(args []string) {
 	raw := fs.Bool("raw", false, "with -query: write the decoded payload bytes to stdout instead of text")
 	verbose := fs.Bool("v", false, "verbose logging")
 	showVersion := fs.Bool("version", false, "print the version, commit and Go version, and exit")
+	userName := fs.String("user", "", "started as root, run as this `user` (default: mail_owner, postfix); never as root")
 	overrides := overrideFlag(fs)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
@@ -226,7 +242,7 @@ func runStandalone(args []string) {
 		dataSet := false
 		fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "data" })
 		cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, *overrides, dataSet || *mailConfig == "")
-		os.Exit(runStats(cfg.mustStr("tlsmgr_database")))
+		os.Exit(runStats(cfg.mustStr("tlsmgr_database"), standaloneOwner(cfg, *userName)))
 	}
 	if *listen == "" {
 		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, -query to ask a running tlsmgr, or -stats")
@@ -241,17 +257,29 @@ func runStandalone(args []string) {
 		msg.verbose = 1
 	}
 
-	if err := os.MkdirAll(*dataDir, 0700); err != nil {
-		msg.fatal("cannot create data directory %s: %s", *dataDir, errText(err))
-	}
 	cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, *overrides, true)
-	d := openDaemon(cfg, standaloneOwner(cfg), true)
-	ln, err := listenUnix(*listen)
+	startup := startupWatchdog(cfg)
+	owner := standaloneOwner(cfg, *userName)
+	makeDataDir(cfg.mustStr("data_directory"), owner)
+	d := preJailInit(cfg, owner, true)
+	var inUse *errDatabaseInUse
+	if errors.As(d.storeErr, &inUse) { // a second tlsmgr on one database: stop before touching anything
+		if err := enterJail("", false, owner); err != nil {
+			msg.fatal("%v", err)
+		}
+		inUse.readHolder()
+		msg.fatal("%v; not starting", inUse)
+	}
+	ln, err := listenUnix(*listen) // as master(8) makes its sockets: before the drop
 	if err != nil {
 		msg.fatal("%v", err)
 	}
 	d.socketPath = *listen
-	d.start()
+	if err := enterJail("", false, owner); err != nil {
+		msg.fatal("%v", err)
+	}
+	d.postJailInit()
+	startup.Stop()
 	d.srv.streamName = "tlsmgr socket"
 	msg.info("serving %s; session database %s; stop with Ctrl-C", *listen, d.store.path)
 	d.exitOnSignals()
@@ -364,50 +392,106 @@ func runShowConfig(defaults bool, args []string) int {
 	return 0
 }
 
-// runStats is tlsmgr -stats: it reads the database read-only, as root or
-// mail_owner (the file is 0600), while the daemon runs or after it.
-func runStats(path string) int {
+// runStats is tlsmgr -stats: it reads the database read-only, while the
+// daemon runs or after it. Started as root, it first becomes owner
+// (-user, or mail_owner) for good, as the daemon does: the file is
+// mail_owner's, and root reads nothing of it. It opens the file as
+// untrusted (store.go), refuses a file whose schema is not exactly ours,
+// reads our tables and none of the file's views, and prints no byte of
+// the file's text as it is (printStatistics).
+func runStats(path string, owner *mailOwner) int {
 	fail := func(format string, args ...any) int {
-		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: session cache database %s: "+format+"\n", append([]any{path}, args...)...)
+		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: session cache database %s: "+format+"\n", append([]any{escapeText(path)}, args...)...)
 		return 1
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return fail("%s (read it as root or mail_owner; -mailconfig /etc/postfix finds Postfix's)", errText(err))
+	if owner != nil {
+		if err := enterJail("", false, owner); err != nil {
+			return fail("%v", err)
+		}
 	}
-	f.Close()
-	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout(5000)")
+	f, err := openStatsFile(path)
 	if err != nil {
-		return fail("%v", err)
+		return fail("%s (read it as its owner, mail_owner, or as root; -mailconfig /etc/postfix finds Postfix's)", escapeText(errText(err)))
 	}
+	defer f.Close()
+	db, _ := openPool(path, 1, true)
 	defer db.Close()
+	if why := schemaProblem(context.Background(), db); why != "" {
+		return fail("%s: not a database of this tlsmgr", why)
+	}
 	if err := printStatistics(os.Stdout, db); err != nil {
-		return fail("%v", err)
+		return fail("%s", escapeText(err.Error()))
 	}
 	return 0
 }
 
-// standaloneOwner is whom a standalone tlsmgr opens its files as. Not
-// root: itself. Root never writes into a directory that someone else
-// controls: in mail_owner's data_directory (-mailconfig), it acts as
-// mail_owner, as under master; in a directory of another user it refuses.
-func standaloneOwner(cfg *config) *mailOwner {
+// openStatsFile checks, by a descriptor opened without following a link,
+// that path is a regular file we may read.
+func openStatsFile(path string) (*os.File, error) {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), path)
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		f.Close()
+		return nil, errors.New("not a regular file")
+	}
+	return f, nil
+}
+
+// standaloneOwner is whom a standalone tlsmgr started as root becomes,
+// after pre-init as under master: -user NAME, or else mail_owner. It
+// never serves, nor reads a database, as root. Not root: nil, itself.
+func standaloneOwner(cfg *config, name string) *mailOwner {
 	if os.Geteuid() != 0 {
 		return nil
 	}
-	dataDir := cfg.mustStr("data_directory")
-	var st syscall.Stat_t
-	if err := syscall.Stat(dataDir, &st); err != nil {
-		msg.fatal("data_directory %s: %s", dataDir, errText(err))
+	param := "-user"
+	if name == "" {
+		name, param = cfg.mustStr("mail_owner"), "mail_owner"
 	}
-	if st.Uid == 0 {
-		return nil
-	}
-	owner, err := lookupMailOwner(cfg.mustStr("mail_owner"))
-	if err != nil || owner.uid != int(st.Uid) {
-		msg.fatal("data_directory %s belongs to uid %d, not to root or mail_owner: run tlsmgr as that user", dataDir, st.Uid)
+	owner, err := lookupUser(param, name)
+	if err != nil {
+		msg.fatal("%v; started as root, tlsmgr runs as -user NAME (default: mail_owner), never as root", err)
 	}
 	return owner
+}
+
+// makeDataDir makes sure the standalone data directory exists and belongs
+// to whom the daemon will run as. Started as root, it makes a missing one
+// itself and gives it to owner through the descriptor of the directory it
+// has just made; an existing one of anyone else stops start-up.
+func makeDataDir(dir string, owner *mailOwner) {
+	if owner == nil {
+		if err := os.MkdirAll(dir, 0700); err != nil {
+			msg.fatal("cannot create data directory %s: %s", dir, errText(err))
+		}
+		return
+	}
+	var st syscall.Stat_t
+	err := syscall.Stat(dir, &st)
+	if err == syscall.ENOENT {
+		if err := os.MkdirAll(filepath.Dir(dir), 0755); err != nil {
+			msg.fatal("cannot create data directory %s: %s", dir, errText(err))
+		}
+		if err := giveNewDirectory(dir, owner); err != nil {
+			msg.fatal("cannot create data directory %s: %s", dir, errText(err))
+		}
+		return
+	}
+	if err != nil {
+		msg.fatal("data directory %s: %s", dir, errText(err))
+	}
+	if int(st.Uid) != owner.uid {
+		msg.fatal("data directory %s belongs to uid %d, not to %s (uid %d), whom tlsmgr started as root runs as: give it to %s, or choose another -user or -data",
+			dir, st.Uid, owner.name, owner.uid, owner.name)
+	}
 }
 
 // defaultLogTag is the tag before main.cf is read: $MAIL_LOGTAG, or
@@ -480,6 +564,8 @@ type daemon struct {
 	source     *entropySource
 	exchange   *exchangeFile // nil when tls_random_exchange_name is empty or unusable
 	srv        *server
+	keeper     *keyKeeper     // writes the ticket keys to the database; nil unless kept
+	storeErr   error          // why pre-init could not open the database files
 	chrooted   bool           // paths outside queue_directory no longer resolve
 	socketPath string         // standalone mode removes its socket on exit
 	stopSweep  chan struct{}  // closed on exit: the sweepers stop
@@ -496,12 +582,16 @@ const (
 	masterLockWait = 5 * time.Second
 )
 
-// openDaemon is Postfix's pre-init: the pool, the entropy source (as
-// root), then as mail_owner the session database and the exchange file.
-// Only a configuration error, or a second standalone daemon on a database
-// in use, stops us here; a file that cannot be used costs only what it
-// holds.
-func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
+// preJailInit is Postfix's pre-jail initialization (tlsmgr_pre_init): it
+// runs as root, before chroot and before privileges are dropped, and does
+// only what needs root or a path outside the jail. It instantiates the
+// pool from the kernel, opens the entropy source as root, and, with
+// mail_owner's effective uid and gid, takes the database lock and opens
+// the session database files and the exchange file. It reads nothing that
+// mail_owner could have written: their content waits for postJailInit.
+// Only a configuration error stops us here; a file that cannot be used
+// costs only what it holds.
+func preJailInit(cfg *config, owner *mailOwner, standalone bool) *daemon {
 	d := &daemon{cfg: cfg, owner: owner, stopSweep: make(chan struct{})}
 	var err error
 	if d.pool, err = newPool(); err != nil {
@@ -544,13 +634,7 @@ func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
 	err = asMailOwner(owner, func() error {
 		// The database first: a second tlsmgr must stop before it touches anything.
 		path := dataRedirect("table", cfg.mustStr("tlsmgr_database"), dataDir, redirectUID)
-		if err := d.store.open(path, uid, lockWait); err != nil {
-			var inUse *errDatabaseInUse
-			if standalone && errors.As(err, &inUse) {
-				return fmt.Errorf("%v; not starting", err)
-			}
-			msg.warn("%v; session caching is off in this process", err)
-		}
+		d.storeErr = d.store.openFiles(path, uid, lockWait)
 		if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
 			name = dataRedirect("file", name, dataDir, redirectUID)
 			if d.exchange, err = openExchangeFile(name, uid, d.pool); err != nil {
@@ -562,32 +646,58 @@ func openDaemon(cfg *config, owner *mailOwner, standalone bool) *daemon {
 	if err != nil {
 		msg.fatal("%v", err)
 	}
-	keys := newTicketKeys(d.store.caches["smtpd"].timeout, d.pool)
-	if kept, err := d.store.loadTicketKeys(); err != nil {
-		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
-	} else if !keys.disabled() {
-		keys.restore(kept)
-	}
-	keys.made = d.store.saveTicketKeys
 	d.srv = &server{
 		store:      d.store,
 		pool:       d.pool,
-		keys:       keys,
+		keys:       newTicketKeys(d.store.caches["smtpd"].timeout, d.pool),
 		ipcTimeout: time.Duration(cfg.mustNum("ipc_timeout")) * time.Second,
 		maxConns:   int(cfg.mustNum("tlsmgr_max_connections")),
 	}
 	return d
 }
 
-// start is Postfix's post-init: reseed, exchange update, cache cleanup.
-func (d *daemon) start() {
-	d.reseed()
+// postJailInit is Postfix's post-jail initialization (tlsmgr_post_init):
+// it runs after chroot and after every uid was dropped to mail_owner (it
+// refuses to run otherwise), and everything that reads what mail_owner
+// could have written happens here: the session database (checked, then
+// continued or started again), the kept ticket keys, the exchange file.
+// Then, as in Postfix: reseed, exchange update, cache cleanup timers.
+func (d *daemon) postJailInit() {
+	if d.owner != nil {
+		mustHaveDropped()
+	}
+	pinsOnly() // SQLite opens the descriptors of pre-init, and no name at all
+	if err := d.storeErr; err != nil {
+		var inUse *errDatabaseInUse
+		if errors.As(err, &inUse) {
+			inUse.readHolder() // not before: the lock file is mail_owner's
+		}
+		msg.warn("%v; session caching is off in this process", err)
+		d.store.offline()
+	} else if err := d.store.open(); err != nil {
+		msg.warn("%v; session caching is off in this process", err)
+	}
+	keys := d.srv.keys
+	if kept, err := d.store.loadTicketKeys(); err != nil {
+		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
+	} else if !keys.disabled() {
+		keys.restore(kept)
+	}
+	if d.store.keepKeys && d.store.writer != nil {
+		d.keeper = newKeyKeeper(d.store)
+		keys.made = d.keeper.keep
+		d.sweepers.Add(1)
+		go d.keeper.run(d.stopSweep, d.sweepers.Done)
+	}
+
+	d.reseedKernel() // then tls_random_source, beside serving: it may take up to sourceTimeout
 	go d.srv.adaptProcs()
 	go func() {
+		defer logPanic()
 		period := d.cfg.mustNum("tls_random_reseed_period")
 		for {
-			time.Sleep(d.pool.randomDelay(period))
 			d.reseed()
+			time.Sleep(d.pool.randomDelay(period))
 		}
 	}()
 	if d.exchange != nil {
@@ -596,8 +706,8 @@ func (d *daemon) start() {
 	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
-			d.store.write(func(tx *writeTx) error { return d.store.enforceLimits(tx, c) }) // a kept cache may be over a lowered limit
-			d.sweepers.Add(1)
+			d.sweepers.Add(2)
+			go d.store.trimToLimits(c, d.stopSweep, &d.sweepers) // a kept cache may be over a lowered limit
 			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
 		}
 	}
@@ -607,25 +717,35 @@ func (d *daemon) start() {
 	}
 }
 
-// reseed mixes fresh kernel entropy and one read of tls_random_source into
-// the pool. A source that fails costs only its own bytes (see prng.go).
+// reseed mixes fresh kernel entropy into the pool, then one read of
+// tls_random_source. The kernel's share never waits for the source, and
+// reading the source is bounded (sourceTimeout): a source that fails or
+// hangs costs only its own bytes (see prng.go).
 func (d *daemon) reseed() {
-	fresh := make([]byte, 32)
-	if _, err := rand.Read(fresh); err != nil {
-		msg.warnLimited("kernel entropy", "cannot read kernel entropy: %v", err)
-	}
+	d.reseedKernel()
 	external, err := d.source.gather()
 	if err != nil {
 		msg.warnLimited("entropy "+d.source.spec, "%v; reseeding from the kernel alone until it works again", err)
 	}
-	fresh = append(fresh, external...)
-	d.pool.mix(fresh) // a wiped pool (we are exiting) stays wiped
+	if len(external) > 0 {
+		d.pool.mix(external) // a wiped pool (we are exiting) stays wiped
+		clear(external)
+	}
+}
+
+func (d *daemon) reseedKernel() {
+	fresh := make([]byte, 32)
+	if _, err := rand.Read(fresh); err != nil {
+		msg.warnLimited("kernel entropy", "cannot read kernel entropy: %v", err)
+	} else {
+		d.pool.mix(fresh)
+	}
 	clear(fresh)
-	clear(external)
 }
 
 // runExchangeTimer rewrites the exchange file at random intervals.
 func (d *daemon) runExchangeTimer() {
+	defer logPanic()
 	period := d.cfg.mustNum("tls_random_prng_update_period")
 	for {
 		time.Sleep(d.pool.randomDelay(period))
@@ -656,15 +776,23 @@ func (d *daemon) saveExchange() {
 
 // shutdown is the orderly exit: stop accepting and let the requests in
 // flight be answered, then save the exchange file, then wipe the pool and
-// the ticket keys, then close the database (WAL checkpointed and
-// truncated, lock released). Nothing can be served from a wiped pool.
+// the ticket keys, then write the kept keys and the counters and close
+// the database (WAL checkpointed and truncated, lock released). Nothing
+// can be served from a wiped pool. Should any step hang (a lock that is
+// never released, a database another process holds), the process exits
+// after exitLimit all the same, and wipes the secrets first.
 func (d *daemon) shutdown(code int) {
 	d.exitOnce.Do(func() {
-		time.AfterFunc(exitLimit, func() { os.Exit(code) })
+		time.AfterFunc(exitLimit, func() {
+			d.wipeAtExit()
+			os.Exit(code)
+		})
 		d.srv.drain(drainLimit)
 		d.saveExchange()
-		d.pool.wipe()
-		d.srv.keys.wipe()
+		if d.keeper != nil {
+			d.keeper.flush() // the newest keys reach the database before they are wiped
+		}
+		d.wipeAtExit()
 		close(d.stopSweep)
 		d.sweepers.Wait()
 		if err := d.store.saveCounters(); err != nil {
@@ -672,11 +800,21 @@ func (d *daemon) shutdown(code int) {
 		}
 		d.store.close()
 		if d.socketPath != "" {
-			os.Remove(d.socketPath)
+			os.Remove(d.socketPath) // fails after the drop in a directory of root's; the next start removes it
 		}
 		os.Exit(code)
 	})
 	select {} // another goroutine is already exiting
+}
+
+// wipeAtExit overwrites the PRNG state and the ticket keys, the keeper's
+// copies included, without waiting for a lock that may never be released.
+func (d *daemon) wipeAtExit() {
+	d.pool.wipeAtExit()
+	d.srv.keys.wipeAtExit()
+	if d.keeper != nil {
+		d.keeper.wipeAtExit()
+	}
 }
 
 // exitOnSignals makes SIGTERM (postfix stop), SIGINT and SIGHUP an orderly
@@ -685,6 +823,7 @@ func (d *daemon) exitOnSignals() {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	go func() {
+		defer logPanic()
 		s := <-sigs
 		msg.debug("%v -- exiting", s)
 		d.shutdown(0)

@@ -17,10 +17,12 @@ import (
 	"os"
 	"os/user"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 // Descriptors that master(8) hands every child.
@@ -137,7 +139,7 @@ type masterStatus struct {
 	inFlight   atomic.Int64
 	taken      atomic.Bool  // the last record sent said "taken"
 	served     atomic.Bool  // master has seen taken -> available once
-	lastIdle   atomic.Int64 // UnixNano when no request was left in flight
+	lastIdle   atomic.Int64 // monoNow when no request was left in flight
 	availArmed atomic.Bool  // availTimer will check whether to send "available"
 	availTimer *time.Timer
 }
@@ -200,7 +202,7 @@ func (m *masterStatus) idle() {
 	if left > 0 {
 		return
 	}
-	m.lastIdle.Store(time.Now().UnixNano())
+	m.lastIdle.Store(int64(monoNow()))
 	if m.availArmed.CompareAndSwap(false, true) {
 		m.mu.Lock()
 		if m.availTimer == nil {
@@ -231,7 +233,7 @@ func (m *masterStatus) sendAvail() {
 	if m.inFlight.Load() > 0 {
 		return
 	}
-	if wait := availDelay - time.Since(time.Unix(0, m.lastIdle.Load())); wait > 0 {
+	if wait := availDelay - (monoNow() - time.Duration(m.lastIdle.Load())); wait > 0 {
 		if m.availArmed.CompareAndSwap(false, true) {
 			m.availTimer.Reset(wait)
 		}
@@ -251,6 +253,7 @@ func (m *masterStatus) sendAvail() {
 // watchMaster blocks until master closes its end of the status channel
 // (it exited, or "postfix reload" replaced us), then calls onLost.
 func (m *masterStatus) watchMaster() {
+	defer logPanic()
 	var b [1]byte
 	for {
 		n, err := m.file.Read(b[:])
@@ -293,23 +296,30 @@ type mailOwner struct {
 	groups   []int
 }
 
-func lookupMailOwner(name string) (*mailOwner, error) {
+func lookupMailOwner(name string) (*mailOwner, error) { return lookupUser("mail_owner", name) }
+
+// lookupUser looks up the user that param names; root is refused.
+func lookupUser(param, name string) (*mailOwner, error) {
+	what := "parameter " + param
+	if strings.HasPrefix(param, "-") {
+		what = "option " + param
+	}
 	u, err := user.Lookup(name)
 	if err != nil {
-		return nil, fmt.Errorf("parameter mail_owner: unknown user name value: %s", name)
+		return nil, fmt.Errorf("%s: unknown user name value: %s", what, name)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	if uid == 0 {
-		return nil, fmt.Errorf("parameter mail_owner: user %s has privileged user ID: %d", name, uid)
+		return nil, fmt.Errorf("%s: user %s has privileged user ID: %d", what, name, uid)
 	}
 	if gid == 0 {
-		return nil, fmt.Errorf("parameter mail_owner: user %s has privileged group ID: %d", name, gid)
+		return nil, fmt.Errorf("%s: user %s has privileged group ID: %d", what, name, gid)
 	}
 	owner := &mailOwner{name: name, uid: uid, gid: gid}
 	if ids, err := u.GroupIds(); err == nil {
 		for _, g := range ids {
-			if n, err := strconv.Atoi(g); err == nil {
+			if n, err := strconv.Atoi(g); err == nil && n != 0 {
 				owner.groups = append(owner.groups, n)
 			}
 		}
@@ -320,8 +330,10 @@ func lookupMailOwner(name string) (*mailOwner, error) {
 	return owner, nil
 }
 
-// enterJail chroots to dir (with -c) and drops to owner (with -u). Go
-// applies setuid and setgid to every thread of the process.
+// enterJail chroots to dir (with -c) and drops to owner (with -u): real,
+// effective and saved uid and gid, and the groups. Go applies setuid and
+// setgid to every thread of the process. Changing credentials makes the
+// process dumpable again: it is made undumpable once more.
 func enterJail(dir string, chroot bool, owner *mailOwner) error {
 	if chroot {
 		if err := syscall.Chroot(dir); err != nil {
@@ -341,8 +353,70 @@ func enterJail(dir string, chroot bool, owner *mailOwner) error {
 		if err := syscall.Setuid(owner.uid); err != nil {
 			return fmt.Errorf("setuid(%d): %s", owner.uid, errText(err))
 		}
+		if r, e, s := getresuid(); r == 0 || e == 0 || s == 0 {
+			return fmt.Errorf("setuid(%d): uids are still %d, %d, %d", owner.uid, r, e, s)
+		}
 	}
+	noCoreDumps()
 	return nil
+}
+
+// getresuid returns the real, effective and saved uid.
+func getresuid() (r, e, s int) {
+	var ids [3]uint32
+	syscall.RawSyscall(syscall.SYS_GETRESUID, uintptr(unsafe.Pointer(&ids[0])), uintptr(unsafe.Pointer(&ids[1])), uintptr(unsafe.Pointer(&ids[2])))
+	return int(ids[0]), int(ids[1]), int(ids[2])
+}
+
+// mustHaveDropped is the first thing post-init does when it started as
+// root: from here on everything may read what mail_owner wrote, so no uid
+// may be root's any longer.
+func mustHaveDropped() {
+	if r, e, s := getresuid(); r == 0 || e == 0 || s == 0 {
+		msg.fatal("post-jail initialization with uids %d, %d, %d: privileges were not dropped", r, e, s)
+	}
+}
+
+// noCoreDumps keeps secrets (the PRNG state, ticket keys, sessions) out of
+// core files and out of reach of ptrace by other processes of the same
+// user: no core file at all, and the process is not dumpable. The kernel
+// makes a process dumpable again whenever its credentials change, so this
+// runs at start and after every change.
+func noCoreDumps() {
+	syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{})
+	const prSetDumpable = 4
+	syscall.RawSyscall(syscall.SYS_PRCTL, prSetDumpable, 0, 0)
+}
+
+// giveNewDirectory makes the directory dir as root and gives it to owner,
+// through a descriptor of the directory just made: nobody else can have
+// it yet. It is standalone mode's data directory; under master(8)
+// data_directory is Postfix's.
+func giveNewDirectory(dir string, owner *mailOwner) error {
+	if err := syscall.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fd)
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Uid != 0 || st.Nlink != 2 {
+		return fmt.Errorf("it changed while it was made")
+	}
+	return syscall.Fchown(fd, owner.uid, owner.gid)
+}
+
+// startupWatchdog ends a start that hangs (daemon_timeout), as the
+// watchdog ends a daemon that does: pre-init and post-init wait on files,
+// locks, sockets and name services. Stop it once serving begins.
+func startupWatchdog(cfg *config) *time.Timer {
+	timeout := time.Duration(cfg.mustNum("daemon_timeout")) * time.Second
+	return time.AfterFunc(timeout, func() { msg.fatal("watchdog timeout during start-up") })
 }
 
 // watchdog ends a process that has stopped making progress: every third of
@@ -352,7 +426,11 @@ func enterJail(dir string, chroot bool, owner *mailOwner) error {
 func watchdog(timeout time.Duration, check func()) {
 	done := make(chan struct{}, 1)
 	for {
-		go func() { check(); done <- struct{}{} }()
+		go func() {
+			defer logPanic()
+			check()
+			done <- struct{}{}
+		}()
 		select {
 		case <-done:
 			time.Sleep(timeout / 3)

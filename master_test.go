@@ -13,6 +13,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -100,6 +101,22 @@ func makeInstanceDirs(t *testing.T, dir string) {
 	}
 }
 
+// asNobody, for a test run as root, gives dir to nobody (and lets nobody
+// reach it) and returns the option that makes a standalone tlsmgr run as
+// nobody: started as root, tlsmgr never runs as root.
+func asNobody(t testing.TB, dir string) []string {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	uid, gid := nobody(t)
+	os.Chmod(filepath.Dir(dir), 0755) // t.TempDir's parent
+	filepath.Walk(dir, func(path string, _ os.FileInfo, _ error) error {
+		os.Chown(path, uid, gid)
+		return nil
+	})
+	return []string{"-user", "nobody"}
+}
+
 // nobody is the mail_owner of the fake-master tests run as root.
 func nobody(t testing.TB) (uid, gid int) {
 	u, err := user.Lookup("nobody")
@@ -132,6 +149,9 @@ func startMaster(t *testing.T, dir, mainCF string, args ...string) *fakeMaster {
 	syscall.SetNonblock(pair[0], true) // pollable, so that read deadlines work
 	ours, theirs := os.NewFile(uintptr(pair[0]), "status"), os.NewFile(uintptr(pair[1]), "child status")
 	m := &fakeMaster{t: t, dir: dir, status: ours, sock: sock, stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	if os.Geteuid() == 0 && !slices.Contains(args, "-u") {
+		args = append(args, "-u") // as master(8) runs an unprivileged service, Debian's tlsmgr among them
+	}
 	m.cmd = exec.Command(tlsmgrBinary(t), args...)
 	m.cmd.Args[0] = "tlsmgr"
 	generation := "21"
@@ -410,7 +430,7 @@ func TestStdinStream(t *testing.T) {
 func TestStandaloneAndQuery(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "tlsmgr.sock")
-	cmd := exec.Command(tlsmgrBinary(t), "-listen", sock, "-data", filepath.Join(dir, "data"))
+	cmd := exec.Command(tlsmgrBinary(t), append(asNobody(t, dir), "-listen", sock, "-data", filepath.Join(dir, "data"))...)
 	var stderr lockedBuffer
 	cmd.Stderr = &syncWriter{b: &stderr}
 	if err := cmd.Start(); err != nil {

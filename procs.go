@@ -31,19 +31,20 @@ const procsWindow = 100 * time.Millisecond
 // process ends. GOMAXPROCS in the environment is the administrator's
 // choice: then, or when Go's default is one P anyway, it does nothing.
 func (s *server) adaptProcs() {
+	defer logPanic()
 	if os.Getenv("GOMAXPROCS") != "" || runtime.GOMAXPROCS(0) == 1 {
 		return
 	}
-	for now := range time.Tick(procsWindow) {
-		s.fitProcs(now)
+	for range time.Tick(procsWindow) {
+		s.fitProcs(monoNow())
 	}
 }
 
 // fitProcs sets one P when two or more clients were active in the last
 // window, and Go's default when fewer were.
-func (s *server) fitProcs(now time.Time) {
+func (s *server) fitProcs(now time.Duration) {
 	one := runtime.GOMAXPROCS(0) == 1
-	switch busy := s.activeClients(now.Add(-procsWindow)) >= 2; {
+	switch busy := s.activeClients(now-procsWindow) >= 2; {
 	case busy && !one:
 		runtime.GOMAXPROCS(1)
 	case !busy && one:
@@ -52,13 +53,13 @@ func (s *server) fitProcs(now time.Time) {
 }
 
 // activeClients counts the connections that are in a request, or were
-// answered after since.
-func (s *server) activeClients(since time.Time) int {
+// answered after since (monoNow).
+func (s *server) activeClients(since time.Duration) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
 	for cc := range s.conns {
-		if cc.inRequest.Load() || cc.lastActive.Load() >= since.UnixNano() {
+		if cc.inRequest.Load() || cc.lastActive.Load() >= int64(since) {
 			n++
 		}
 	}

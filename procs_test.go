@@ -17,7 +17,7 @@ func TestProcsFollowActiveClients(t *testing.T) {
 	if defaultProcs == 1 {
 		t.Fatalf("Go's default here is one P (%d CPUs): nothing to switch; CI has two", runtime.NumCPU())
 	}
-	now := time.Now()
+	now := time.Hour // on the monotonic clock (monoNow)
 	type client struct {
 		answered  time.Duration // this long before now
 		inRequest bool
@@ -40,7 +40,7 @@ func TestProcsFollowActiveClients(t *testing.T) {
 		s := &server{conns: map[*clientConn]struct{}{}}
 		for _, c := range step.clients {
 			cc := &clientConn{}
-			cc.lastActive.Store(now.Add(-c.answered).UnixNano())
+			cc.lastActive.Store(int64(now - c.answered))
 			cc.inRequest.Store(c.inRequest)
 			s.conns[cc] = struct{}{}
 		}

@@ -252,7 +252,7 @@ type clientStream interface {
 // needs to know about it.
 type clientConn struct {
 	net.Conn
-	lastActive atomic.Int64 // UnixNano of the accept or of the last reply
+	lastActive atomic.Int64 // monoNow of the accept or of the last reply
 	inRequest  atomic.Bool  // between reading a request and writing its reply
 }
 
@@ -300,6 +300,11 @@ func (s *server) serveConn(rw clientStream, cc *clientConn, announce bool) {
 		w.buf = w.buf[:0]
 		s.handle(req, w)
 		_, werr := rw.Write(w.buf)
+		clear(w.buf) // it held a seed, a key or a session: gone once sent
+		if req.name == "update" {
+			clear(req.data)
+			clear(r.tok[:cap(r.tok)]) // the session, base64-encoded
+		}
 		if werr != nil && isTimeout(werr) {
 			msg.warn("timeout on %s while writing a reply: the client does not read; closing the connection", s.streamName)
 		}
@@ -308,7 +313,7 @@ func (s *server) serveConn(rw clientStream, cc *clientConn, announce bool) {
 		}
 		if cc != nil {
 			cc.inRequest.Store(false)
-			cc.lastActive.Store(time.Now().UnixNano())
+			cc.lastActive.Store(int64(monoNow()))
 		}
 		s.inFlight.Done()
 		req.data = nil
@@ -433,7 +438,8 @@ func (s *server) readRequest(r *attrReader) (*request, error) {
 		case attrData:
 			d, ok := decodeBase64(v)
 			if !ok {
-				msg.warn("malformed base64 data from %s while reading input attribute value: %.100s", r.streamName, v)
+				// Never the bytes: a session or a key name may be secret.
+				msg.warn("malformed base64 data from %s while reading input attribute value: %s, %d bytes", r.streamName, a.name, len(v))
 				return fail(req.name)
 			}
 			req.data = d
@@ -556,6 +562,7 @@ func (s *server) handleLookup(req *request, w *attrWriter) {
 	})
 	w.int("status", status)
 	w.data("session", session)
+	clear(session) // the driver's copy
 }
 
 func (s *server) handleTktkey(req *request, w *attrWriter) {
@@ -613,6 +620,11 @@ type ticketKey struct {
 	bits [32]byte // cipher key; shorter ciphers use a prefix
 	hmac [32]byte
 	tout int64 // stop issuing tickets with this key at this UNIX time
+
+	// The same rules on the monotonic clock (monoNow): a key issues
+	// tickets until issueUntil and decrypts them until decryptUntil, so a
+	// wall clock stepped back cannot make it live longer than its rules.
+	issueUntil, decryptUntil time.Duration
 }
 
 // marshal lays the key out as Postfix's struct TLS_TICKET_KEY on amd64.
@@ -630,37 +642,49 @@ func (k *ticketKey) wipe() { *k = ticketKey{} }
 // ticketKeys keeps the current and the previous key. A key issues tickets
 // for H = T/2 seconds and still decrypts them for another H. The keys are
 // handed out by value, copied under the lock, so that a rotation can wipe
-// a retired key while a copy of it is being sent.
+// a retired key while a copy of it is being sent. Nothing that holds the
+// lock waits for I/O: made only hands copies on (keyKeeper).
 type ticketKeys struct {
 	mu        sync.Mutex
 	cur, prev *ticketKey
 	half      int64 // H; 0 when the smtpd cache timeout is 0
 	rand      io.Reader
-	now       func() time.Time
+	now       func() time.Time     // the wall clock: tout is UNIX time
+	mono      func() time.Duration // the monotonic clock
 
 	// made, when set, learns of every new key while the lock is held, so
 	// that the keys can be kept (tlsmgr_keep_ticket_keys) in the order
-	// they were made.
+	// they were made. It must not block.
 	made func(cur, prev *ticketKey)
 }
 
 func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
-	return &ticketKeys{half: smtpdTimeout / 2, rand: rand, now: time.Now}
+	return &ticketKeys{half: smtpdTimeout / 2, rand: rand, now: time.Now, mono: monoNow}
 }
+
+// processStart is the origin of monoNow.
+var processStart = time.Now()
+
+// monoNow is the time since the process started, on the monotonic clock,
+// which no change of the wall clock moves.
+func monoNow() time.Duration { return time.Since(processStart) }
 
 func (t *ticketKeys) disabled() bool { return t.half == 0 }
 
 // issue returns the current key, making a new one when it has stopped
-// issuing: at its tout, as Postfix does (timecmp(tout, now) <= 0). made
-// says whether the key is new.
+// issuing: at its tout, as Postfix does (timecmp(tout, now) <= 0), or when
+// H - 1 seconds have passed on the monotonic clock. made says whether the
+// key is new.
 func (t *ticketKeys) issue() (key ticketKey, made bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	now := t.now().Unix()
-	if t.cur != nil && t.cur.tout > now {
+	now, mono := t.now().Unix(), t.mono()
+	if t.cur != nil && t.cur.tout > now && mono < t.cur.issueUntil {
 		return *t.cur, false, nil
 	}
-	k := &ticketKey{tout: now + t.half - 1}
+	k := &ticketKey{tout: now + t.half - 1,
+		issueUntil:   mono + time.Duration(t.half-1)*time.Second,
+		decryptUntil: mono + time.Duration(2*t.half-1)*time.Second}
 	for _, part := range [][]byte{k.name[:], k.bits[:], k.hmac[:]} {
 		if _, err := io.ReadFull(t.rand, part); err != nil {
 			k.wipe()
@@ -679,18 +703,28 @@ func (t *ticketKeys) issue() (key ticketKey, made bool, err error) {
 
 // restore takes back the keys a previous process kept, newest first,
 // dropping any that can no longer decrypt: the T/2 rules go on as if
-// there had been no restart.
+// there had been no restart. A key that would issue tickets beyond now +
+// H cannot have been made by those rules on this clock: it is dropped,
+// with a warning, and not used at all.
 func (t *ticketKeys) restore(keys []ticketKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	now := t.now().Unix()
+	now, mono := t.now().Unix(), t.mono()
 	var usable []*ticketKey
 	for i := range keys {
-		if keys[i].tout+t.half > now && len(usable) < 2 {
-			k := keys[i]
-			usable = append(usable, &k)
-		}
+		k := keys[i]
 		keys[i].wipe()
+		switch {
+		case k.tout > now+t.half:
+			msg.warn("kept session ticket key %x would issue tickets until %s, beyond now + smtpd_tls_session_cache_timeout/2; dropped it",
+				k.name, time.Unix(k.tout, 0).UTC().Format(time.RFC3339))
+		case k.tout+t.half > now && len(usable) < 2:
+			k.issueUntil = mono + time.Duration(k.tout-now)*time.Second
+			k.decryptUntil = mono + time.Duration(k.tout+t.half-now)*time.Second
+			usable = append(usable, &k)
+			continue
+		}
+		k.wipe()
 	}
 	if len(usable) > 0 {
 		t.cur = usable[0]
@@ -701,14 +735,15 @@ func (t *ticketKeys) restore(keys []ticketKey) {
 }
 
 // find returns the key with this name while it may still decrypt tickets,
-// that is while tout + H > now.
+// that is while tout + H > now, and for no longer than that on the
+// monotonic clock.
 func (t *ticketKeys) find(name []byte) (ticketKey, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	now := t.now().Unix()
+	now, mono := t.now().Unix(), t.mono()
 	for _, k := range []*ticketKey{t.cur, t.prev} {
 		if k != nil && bytes.Equal(k.name[:], name) {
-			if k.tout+t.half > now {
+			if k.tout+t.half > now && mono < k.decryptUntil {
 				return *k, true
 			}
 			return ticketKey{}, false
@@ -721,6 +756,18 @@ func (t *ticketKeys) find(name []byte) (ticketKey, bool) {
 func (t *ticketKeys) wipe() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.wipeLocked()
+}
+
+// wipeAtExit is wipe for the exit path, which must not hang on the lock.
+func (t *ticketKeys) wipeAtExit() {
+	if lockSoon(&t.mu) {
+		defer t.mu.Unlock()
+	}
+	t.wipeLocked()
+}
+
+func (t *ticketKeys) wipeLocked() {
 	for _, k := range []*ticketKey{t.cur, t.prev} {
 		if k != nil {
 			k.wipe()
@@ -760,6 +807,7 @@ func (s *server) serveListener(ln net.Listener) {
 			continue
 		}
 		go func() {
+			defer logPanic()
 			defer s.release(cc)
 			s.serveConn(cc, cc, true)
 		}()
@@ -772,7 +820,7 @@ func (s *server) serveListener(ln net.Listener) {
 // limit, serves them all).
 func (s *server) admit(conn net.Conn) *clientConn {
 	cc := &clientConn{Conn: conn}
-	cc.lastActive.Store(time.Now().UnixNano())
+	cc.lastActive.Store(int64(monoNow()))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.draining {
@@ -785,7 +833,7 @@ func (s *server) admit(conn net.Conn) *clientConn {
 		victim := s.longestIdle()
 		delete(s.conns, victim)
 		victim.Close()
-		idle := time.Since(time.Unix(0, victim.lastActive.Load())).Round(time.Second)
+		idle := (monoNow() - time.Duration(victim.lastActive.Load())).Round(time.Second)
 		msg.warnLimited("connection limit", "%s: %d connections, the tlsmgr_max_connections limit: closed the one idle for %v to serve a new one",
 			s.streamName, s.maxConns, idle)
 	}

@@ -24,7 +24,7 @@
 -- ids. Two ids with one hash cannot both be kept; the later replaces the
 -- earlier, as a cache may. To find a row by hand, `WHERE id = '...'` works
 -- (it reads the whole table).
-PRAGMA user_version = 3; -- the schema's version: a kept database of another version is set aside
+PRAGMA user_version = 4; -- the schema's version: a kept database of another version, or whose schema differs from this file's in any way, is emptied
 
 CREATE TABLE IF NOT EXISTS smtpd_cache (
     hash    INTEGER PRIMARY KEY, -- SHA-256(id)'s first 63 bits: the rowid
@@ -38,14 +38,22 @@ CREATE TABLE IF NOT EXISTS smtpd_cache (
     cipher           TEXT,      -- IANA cipher suite name (TLS_AES_256_GCM_SHA384), or 0xXXXX
     session_time     INTEGER,   -- when OpenSSL made the session (UNIX time)
     session_timeout  INTEGER,   -- OpenSSL's lifetime for it, seconds
-    sni              TEXT,      -- server name (SNI) the server acknowledged; NULL = none
+    sni              TEXT,      -- server name (SNI) the server acknowledged; NULL = none; escaped as below
     ticket           INTEGER,   -- 1: resumes by session ticket (all of TLS 1.3), 0: by session ID
     ticket_lifetime  INTEGER,   -- the server's ticket lifetime hint, seconds
     verify_result    INTEGER,   -- OpenSSL's verification of the peer certificate: 0 = ok, else X509_V_ERR_*
-    peer_subject     TEXT,      -- the peer certificate's subject, RFC 2253 (CN=...,O=...)
-    peer_issuer      TEXT,      -- its issuer, RFC 2253
+    peer_subject     TEXT,      -- the peer certificate's subject, RFC 2253 (CN=...,O=...); escaped as below
+    peer_issuer      TEXT,      -- its issuer, RFC 2253; escaped as below
     peer_fingerprint TEXT,      -- SHA-256 of its DER, AB:CD:... as Postfix logs fingerprints
     peer_not_after   INTEGER    -- when it expires (UNIX time)
+    -- The remote peer chose sni, peer_subject and peer_issuer: they never
+    -- hold a control character, so that printing them (sqlite3, tlsmgr
+    -- -stats, the README's recipes) cannot send escape sequences to a
+    -- terminal. In sni every byte of a control character (C0, DEL, C1), of
+    -- a Unicode bidirectional control or of invalid UTF-8 is written \xHH
+    -- and a backslash \\; in the two names, which RFC 4514 escapes already
+    -- (a backslash is \\ there), each such byte is RFC 4514's \HH: ESC is
+    -- \x1b in sni and \1b in a name.
 );
 CREATE INDEX IF NOT EXISTS smtpd_cache_expires ON smtpd_cache (expires);
 

@@ -111,6 +111,7 @@ func (s *store) saveCounters() error {
 // runStatistics writes the counters every statsWritePeriod and logs them
 // every logPeriod (0: never) until stop is closed.
 func (s *store) runStatistics(logPeriod time.Duration, stop <-chan struct{}, done func()) {
+	defer logPanic()
 	defer done()
 	write := time.NewTicker(statsWritePeriod)
 	defer write.Stop()
@@ -160,71 +161,72 @@ func percent(part, whole int64) string {
 	return fmt.Sprintf("%.1f%%", 100*float64(part)/float64(whole))
 }
 
-// printStatistics is `tlsmgr -stats`: the database's own views, as a table,
-// so that an administrator needs no sqlite3 to read them.
+// printStatistics is `tlsmgr -stats`: the caches' sizes and the counters,
+// as a table, so that an administrator needs no sqlite3 to read them. It
+// reads only our tables, never a view (a file of someone else's could
+// define one to run anything), and every value as a number: nothing it
+// prints is text from the file, so nothing from the file reaches the
+// terminal as it is.
 func printStatistics(w io.Writer, db *sql.DB) error {
-	var since, updated sql.NullString
-	err := db.QueryRow("SELECT strftime('%Y-%m-%dT%H:%M:%SZ', since, 'unixepoch'), strftime('%Y-%m-%dT%H:%M:%SZ', updated, 'unixepoch') FROM counters_period").Scan(&since, &updated)
+	var since, updated sql.NullInt64
+	err := db.QueryRow("SELECT CAST(since AS INTEGER), CAST(updated AS INTEGER) FROM counters_period").Scan(&since, &updated)
 	if err != nil && err != sql.ErrNoRows {
 		return err
 	}
-	fmt.Fprintf(w, "tlsmgr statistics since %s, written %s\n\n", orDash(since), orDash(updated))
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "cache\tentries\tbytes\tlookups\thits\tmisses\thit ratio\texpired\tstores\treplaced\tdeletes\tevictions\tfailures\t")
-	rows, err := db.Query(`SELECT s.cache, s.entries, s.bytes, c.lookups, c.hits, c.misses, c.expired,
-		c.stores, c.replaced, c.deletes, c.evictions, c.store_failures
-		FROM cache_stats AS s JOIN cache_counters AS c USING (cache)
-		ORDER BY CASE s.cache WHEN 'smtpd' THEN 0 WHEN 'smtp' THEN 1 ELSE 2 END`)
+	fmt.Fprintf(w, "tlsmgr statistics since %s, written %s\n\n", unixOrDash(since), unixOrDash(updated))
+
+	counters := map[string]int64{}
+	rows, err := db.Query("SELECT scope, name, CAST(value AS INTEGER) FROM counters WHERE typeof(scope) = 'text' AND typeof(name) = 'text'")
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var cache string
-		var v [11]int64
-		if err := rows.Scan(&cache, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10]); err != nil {
+		var scope, name string
+		var value int64
+		if err := rows.Scan(&scope, &name, &value); err != nil {
 			return err
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t\n", cache, v[0], v[1], v[2], v[3], v[4],
-			percent(v[3], v[2]), v[5], v[6], v[7], v[8], v[9], v[10])
+		counters[scope+"."+name] = value // looked up by our names only
 	}
 	if err := rows.Err(); err != nil {
 		return err
+	}
+
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "cache\tentries\tbytes\tlookups\thits\tmisses\thit ratio\texpired\tstores\treplaced\tdeletes\tevictions\tfailures\t")
+	for _, label := range cacheLabels {
+		var entries, bytes int64
+		if err := db.QueryRow("SELECT count(*), coalesce(sum(length(session)), 0) FROM "+label+"_cache").Scan(&entries, &bytes); err != nil {
+			return err
+		}
+		n := func(name string) int64 { return counters[label+"."+name] }
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t\n", label, entries, bytes,
+			n("lookups"), n("hits"), n("misses"), percent(n("hits"), n("lookups")), n("expired_at_lookup")+n("expired_by_sweep"),
+			n("stores"), n("replaced"), n("deletes"), n("evictions"), n("store_failures"))
 	}
 	tw.Flush()
 
-	service := map[string]int64{}
-	rows, err = db.Query("SELECT scope || '.' || name, value FROM counters WHERE scope IN ('tktkey', 'seed')")
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var name string
-		var value int64
-		if err := rows.Scan(&name, &value); err != nil {
-			return err
-		}
-		service[name] = value
-	}
-	if err := rows.Err(); err != nil {
-		return err
-	}
 	fmt.Fprintf(w, "\nticket keys: %d issued, %d found by name, %d not found\n",
-		service["tktkey.keys_issued"], service["tktkey.found"], service["tktkey.not_found"])
-	fmt.Fprintf(w, "seed: %d requests, %d bytes\n", service["seed.requests"], service["seed.bytes"])
+		counters["tktkey.keys_issued"], counters["tktkey.found"], counters["tktkey.not_found"])
+	fmt.Fprintf(w, "seed: %d requests, %d bytes\n", counters["seed.requests"], counters["seed.bytes"])
 	var keys []string
-	krows, err := db.Query("SELECT key || ' ' || name || ', issues until ' || issues_until FROM ticket_key_names ORDER BY key")
+	krows, err := db.Query("SELECT CAST(slot AS INTEGER), substr(CAST(name AS BLOB), 1, 16), CAST(tout AS INTEGER) FROM ticket_keys ORDER BY slot LIMIT 2") // never the key bits
 	if err != nil {
 		return err
 	}
 	defer krows.Close()
 	for krows.Next() {
-		var k string
-		if err := krows.Scan(&k); err != nil {
+		var slot, tout int64
+		var name []byte
+		if err := krows.Scan(&slot, &name, &tout); err != nil {
 			return err
 		}
-		keys = append(keys, k)
+		which := "current"
+		if slot != 0 {
+			which = "previous"
+		}
+		keys = append(keys, fmt.Sprintf("%s %X, issues until %s", which, name, unixOrDash(sql.NullInt64{Int64: tout, Valid: true})))
 	}
 	if len(keys) > 0 {
 		fmt.Fprintf(w, "kept ticket keys: %s\n", strings.Join(keys, "; "))
@@ -232,9 +234,9 @@ func printStatistics(w io.Writer, db *sql.DB) error {
 	return krows.Err()
 }
 
-func orDash(s sql.NullString) string {
-	if !s.Valid {
+func unixOrDash(t sql.NullInt64) string {
+	if !t.Valid {
 		return "-"
 	}
-	return s.String
+	return time.Unix(t.Int64, 0).UTC().Format("2006-01-02T15:04:05Z")
 }

@@ -29,10 +29,9 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	_ "modernc.org/sqlite"
+	sqlite "modernc.org/sqlite"
 )
 
 //go:embed schema.sql
@@ -76,6 +75,14 @@ type cache struct {
 	existsStmt                                                         *sql.Stmt
 }
 
+// offline turns every cache off in this process: the database could not
+// be opened.
+func (s *store) offline() {
+	for _, c := range s.caches {
+		c.offline = true
+	}
+}
+
 // configured is what main.cf asks for; enabled is what this process does.
 func (c *cache) configured() bool { return c.database != "" && c.timeout > 0 }
 func (c *cache) enabled() bool    { return c.configured() && !c.offline }
@@ -104,9 +111,11 @@ func effectiveTimeout(t int64) int64 {
 
 type store struct {
 	path        string
-	uid         int      // mail_owner's: every file must belong to it
-	lock        *os.File // held for the life of the process: one tlsmgr per database
-	writer      *sql.DB  // one connection: SQLite has one writer at a time anyway
+	uid         int         // mail_owner's: every file must belong to it
+	lock        *os.File    // held for the life of the process: one tlsmgr per database
+	files       [3]*os.File // the database, its -wal and its -shm, opened in pre-init
+	pins        *pinnedDB   // their names for SQLite
+	writer      *sql.DB     // one connection: SQLite has one writer at a time anyway
 	reader      *sql.DB
 	lookups     chan *lookupConn // lookup.go; nil entries once closed
 	lookupsOpen int
@@ -156,7 +165,7 @@ const maxHidden = 10000
 
 // schemaVersion is schema.sql's user_version: a kept database of another
 // version is set aside.
-const schemaVersion = 3
+const schemaVersion = 4
 
 // cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
@@ -197,15 +206,17 @@ func newStore(caches []cacheConfig, opts storeOptions) (*store, error) {
 	return s, nil
 }
 
-// open takes the database lock and opens every connection the process
-// will use. Without tlsmgr_keep_sessions or tlsmgr_keep_ticket_keys it
-// replaces whatever is at path with a new, empty database, as Postfix
-// empties its caches at start; with either, it continues the database it
-// finds, unless that is damaged, which is set aside with one warning. The
-// caller runs it with mail_owner's effective uid and gid. On error nothing
-// is left open and the caches are offline; the caller decides whether
-// that stops us (a second standalone daemon) or only costs caching.
-func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
+// openFiles is the store's part of pre-init, run with mail_owner's
+// effective uid and gid while the real and saved uids are still root's:
+// it takes the database lock and opens the database, its -wal and its
+// -shm, and nothing in them is read. Without tlsmgr_keep_sessions or
+// tlsmgr_keep_ticket_keys it replaces whatever is at path with new, empty
+// files, as Postfix empties its caches at start; with either, it keeps
+// the files it finds (a link, a foreign file or a file with other links is
+// replaced), for open to check once privileges are gone. On error nothing
+// is left open; the caller decides whether that stops us (a second
+// standalone daemon) or only costs caching.
+func (s *store) openFiles(path string, uid int, lockWait time.Duration) (err error) {
 	s.path, s.uid = path, uid
 	wanted := s.keepKeys
 	for _, c := range s.caches {
@@ -216,55 +227,132 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	}
 	defer func() {
 		if err != nil {
-			s.close()
-			for _, c := range s.caches {
-				c.offline = true
-			}
+			s.closeFiles()
 		}
 	}()
 	if s.lock, err = lockDatabase(path, uid, lockWait); err != nil {
 		return err
 	}
-	var f *os.File
 	if s.keepSessions || s.keepKeys {
-		if f, err = s.openKept(path, uid); err != nil {
+		if err := s.openKeptFiles(path, uid); err != nil {
 			return err
 		}
-		s.kept = f != nil
 	}
-	if f == nil {
+	if s.files[0] == nil {
 		for _, suffix := range []string{"", "-wal", "-shm", "-journal"} {
 			if err := removeName(path + suffix); err != nil {
 				return fmt.Errorf("cannot remove the old session cache: %s", errText(err))
 			}
 		}
-		if f, err = createDataFile(path, uid, nil); err != nil {
-			return fmt.Errorf("cannot create session cache database %s: %s", path, errText(err))
+		for i, suffix := range []string{"", "-wal", "-shm"} {
+			if s.files[i], err = createDataFile(path+suffix, uid, nil); err != nil {
+				return fmt.Errorf("cannot create session cache database %s: %s", path, errText(err))
+			}
 		}
 	}
-	defer f.Close()
+	return nil
+}
 
-	if s.writer, err = openPool(databaseDSN(path), 1); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+// openKeptFiles opens the files a previous tlsmgr left, when their names
+// lead to files fit to be opened; it leaves s.files empty when there is no
+// database, or it was refused and a new one must be made. Their content is
+// not looked at here.
+func (s *store) openKeptFiles(path string, uid int) error {
+	f, err := openDataFile(path, uid)
+	var bad *badFileError
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case errors.As(err, &bad):
+		msg.warn("refusing session cache database %s: %s; replacing it", path, bad.why)
+		return nil // openFiles removes it and its companions
+	case err != nil:
+		return fmt.Errorf("session cache database %s: %s", path, errText(err))
 	}
-	// What a database keeps from its creation: WAL mode writes the first
-	// page, which fixes the page size. There is no auto_vacuum: it costs
-	// every write a pointer-map page, and giving pages back after a sweep
-	// stalls writers for seconds; freed pages are zeroed (secure_delete)
-	// and new sessions reuse them.
-	for _, pragma := range []string{"page_size = " + fmt.Sprint(pageSize), "journal_mode = WAL"} {
-		if _, err := s.writer.Exec("PRAGMA " + pragma); err != nil {
-			return fmt.Errorf("session cache database %s: PRAGMA %s: %v", path, pragma, err)
+	s.files[0] = f
+	// tlsmgr always runs in WAL mode: a -journal is never its own.
+	if err := removeName(path + "-journal"); err != nil {
+		return err
+	}
+	for i, suffix := range []string{"-wal", "-shm"} {
+		if s.files[i+1], err = openOrCreateDataFile(path+suffix, "session cache file", uid, func() []byte { return nil }, nil); err != nil {
+			return fmt.Errorf("session cache database %s: %s", path+suffix, errText(err))
 		}
 	}
-	if _, err := s.writer.Exec(schemaSQL); err != nil {
-		return fmt.Errorf("session cache database %s: create schema: %v", path, err)
+	s.kept = true // until open has checked what is in it
+	return nil
+}
+
+// closeFiles closes what openFiles opened; SQLite must have closed its
+// copies of the descriptors first.
+func (s *store) closeFiles() {
+	for i, f := range s.files {
+		if f != nil {
+			f.Close()
+			s.files[i] = nil
+		}
 	}
-	if s.reader, err = openPool(databaseDSN(path), readerConns+lookupConns); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+	if s.lock != nil {
+		s.lock.Close()
+		s.lock = nil
 	}
-	if s.checkpointer, err = openPool(databaseDSN(path), 1); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+}
+
+// open is the store's part of post-init, run once no uid is root's: it
+// hands SQLite the files that openFiles opened (pin.go), checks a kept
+// database before any of its rows is used, and opens every connection the
+// process will use. A kept database that is not exactly ours (its schema,
+// down to the SQL text), that fails SQLite's quick_check, or that cannot
+// be read, is emptied with one warning and started again: it may come
+// from anyone who had the postfix account. On error the caches are
+// offline.
+func (s *store) open() (err error) {
+	if s.files[0] == nil {
+		return nil
+	}
+	defer func() {
+		if err != nil {
+			s.close()
+			s.offline()
+		}
+	}()
+	s.pins = pinFiles(s.files[0], s.files[1], s.files[2])
+	name := s.pins.name
+	if s.kept {
+		if why := s.checkKept(name); why != "" {
+			msg.warn("session cache database %s %s; emptied it and started a new one", s.path, why)
+			s.kept = false
+			for _, f := range s.files {
+				if err := f.Truncate(0); err != nil {
+					return fmt.Errorf("session cache database %s: cannot empty it: %s", s.path, errText(err))
+				}
+			}
+		}
+	}
+	if s.writer, err = openPool(name, 1, false); err != nil {
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
+	}
+	if !s.kept {
+		// What a database keeps from its creation: the page size, and WAL
+		// mode, which writes the first page (through an in-memory journal:
+		// only the pinned files exist for SQLite). There is no auto_vacuum:
+		// it costs every write a pointer-map page, and giving pages back
+		// after a sweep stalls writers for seconds; freed pages are zeroed
+		// (secure_delete) and new sessions reuse them.
+		for _, pragma := range []string{"page_size = " + fmt.Sprint(pageSize), "journal_mode = MEMORY", "journal_mode = WAL"} {
+			if _, err := s.writer.Exec("PRAGMA " + pragma); err != nil {
+				return fmt.Errorf("session cache database %s: PRAGMA %s: %v", s.path, pragma, err)
+			}
+		}
+		if _, err := s.writer.Exec(schemaSQL); err != nil {
+			return fmt.Errorf("session cache database %s: create schema: %v", s.path, err)
+		}
+	}
+	if s.reader, err = openPool(name, readerConns+lookupConns, false); err != nil {
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
+	}
+	if s.checkpointer, err = openPool(name, 1, false); err != nil {
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	for _, pool := range []struct {
 		db *sql.DB
@@ -272,16 +360,6 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 	}{{s.writer, 1}, {s.reader, readerConns + lookupConns}, {s.checkpointer, 1}} {
 		if err := s.warm(pool.db, pool.n); err != nil {
 			return err
-		}
-	}
-	// SQLite opened the file by name: make sure it is the one we created,
-	// and that the -wal and -shm it made are as they should be.
-	if err := sameFile(path, int(f.Fd()), uid); err != nil {
-		return fmt.Errorf("session cache database: %v", err)
-	}
-	for _, suffix := range []string{"-wal", "-shm"} {
-		if err := checkCompanion(path+suffix, uid); err != nil {
-			return fmt.Errorf("session cache database: %v", err)
 		}
 	}
 	for _, c := range s.caches {
@@ -293,110 +371,132 @@ func (s *store) open(path string, uid int, lockWait time.Duration) (err error) {
 		}
 	}
 	if err := s.openLookups(s.reader); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	if s.kept {
 		if err := s.continueKept(); err != nil {
-			return fmt.Errorf("session cache database %s: %v", path, err)
+			return fmt.Errorf("session cache database %s: %v", s.path, err)
 		}
 	}
 	if err := s.prepareWriter(); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	if err := s.startWriter(); err != nil {
-		return fmt.Errorf("session cache database %s: %v", path, err)
+		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	return nil
 }
 
-// databaseDSN is how every connection opens the database. What the file
-// keeps (page size, WAL mode) open() sets when it makes it.
-//
-// Nothing is synced (synchronous = OFF): the caches are disposable, as
-// Postfix's own are (its btree cache never syncs); a sync holds the writer
-// whenever the WAL restarts or a checkpoint ends, and measured, it cost
-// update-heavy load at 4 connections a tenth of its throughput and a
-// third of its p99. A crash of tlsmgr loses nothing (the kernel has every
-// write); a kept database that a power failure damaged fails its check at
-// start and is set aside, like any other damage.
-func databaseDSN(path string) string {
-	return "file:" + path + "?_pragma=busy_timeout(10000)" +
-		"&_pragma=synchronous(OFF)&_pragma=temp_store(MEMORY)" +
-		"&_pragma=secure_delete(ON)&_pragma=journal_size_limit(" + fmt.Sprint(walSizeLimit) + ")"
-}
+// keptCheckLimit bounds how long a kept database is checked at start.
+const keptCheckLimit = 10 * time.Second
 
-// openKept opens the database a previous tlsmgr left, when it can be
-// trusted and read; it returns nil when there is none or it was set
-// aside, and a new one must be made.
-func (s *store) openKept(path string, uid int) (*os.File, error) {
-	f, err := openDataFile(path, uid)
-	var bad *badFileError
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		return nil, nil
-	case errors.As(err, &bad):
-		msg.warn("refusing session cache database %s: %s; replacing it", path, bad.why)
-		return nil, nil // open() removes it and its companions
-	case err != nil:
-		return nil, fmt.Errorf("session cache database %s: %s", path, errText(err))
-	}
-	// SQLite will open these by name: a planted one goes before it does.
-	// We always run in WAL mode, so a -journal is never ours.
-	for _, suffix := range []string{"-wal", "-shm", "-journal"} {
-		err := checkCompanion(path+suffix, uid)
-		if errors.As(err, &bad) {
-			msg.warn("refusing %s: %s; removing it", path+suffix, bad.why)
-		}
-		if err == nil && suffix != "-journal" {
-			continue
-		}
-		if err := removeName(path + suffix); err != nil {
-			f.Close()
-			return nil, err
-		}
-	}
-	if why := checkKept(path); why != "" {
-		f.Close()
-		aside := path + ".damaged"
-		for _, suffix := range []string{"", "-wal"} {
-			if err := syscall.Rename(path+suffix, aside+suffix); err != nil && err != syscall.ENOENT {
-				return nil, fmt.Errorf("cannot move damaged session cache database %s aside: %s", path+suffix, errText(err))
-			}
-		}
-		msg.warn("session cache database %s %s; moved it aside to %s and started a new one", path, why, aside)
-		return nil, nil
-	}
-	return f, nil
-}
-
-// checkKept says what is wrong with a kept database: "" when it passes
-// SQLite's quick_check and has our schema.
-func checkKept(path string) string {
-	db, err := openPool(databaseDSN(path), 1)
+// checkKept says what is wrong with a kept database, or "": it must be a
+// WAL database of our schema version whose sqlite_schema is exactly ours
+// (so it has no view, trigger or table of anyone else's to run), and it
+// must pass SQLite's quick_check. The check itself runs with the
+// untrusted-file settings, as the first statements on the file.
+func (s *store) checkKept(name string) string {
+	db, err := openPool(name, 1, false)
 	if err != nil {
-		return "cannot be opened: " + err.Error()
+		return "cannot be opened (" + err.Error() + ")"
 	}
 	defer db.Close()
-	var version int
-	if err := db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
-		return "is damaged (" + err.Error() + ")"
+	ctx, cancel := context.WithTimeout(context.Background(), keptCheckLimit)
+	defer cancel()
+	if why := schemaProblem(ctx, db); why != "" {
+		return why
+	}
+	var mode string
+	if err := db.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil || mode != "wal" {
+		return fmt.Sprintf("is not in WAL mode (%q, %v)", mode, err)
 	}
 	var check string
-	if err := db.QueryRow("PRAGMA quick_check").Scan(&check); err != nil {
+	if err := db.QueryRowContext(ctx, "PRAGMA quick_check").Scan(&check); err != nil {
 		return "is damaged (" + err.Error() + ")"
 	}
 	if check != "ok" {
-		return "is damaged (quick_check: " + check + ")"
-	}
-	if version != schemaVersion {
-		return fmt.Sprintf("has schema version %d, not %d", version, schemaVersion)
+		return "is damaged (quick_check: " + sanitize(check) + ")"
 	}
 	return ""
 }
 
+// schemaProblem says how a database's schema differs from schema.sql's, or
+// "" when it is the same: every table, index and view, with its SQL text,
+// and the user_version. Reading sqlite_schema runs nothing the file defines.
+func schemaProblem(ctx context.Context, db *sql.DB) string {
+	want, err := ourSchema()
+	if err != nil {
+		return "cannot be compared with our schema (" + err.Error() + ")"
+	}
+	var version int
+	if err := db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
+		return "is damaged (" + err.Error() + ")"
+	}
+	if version != schemaVersion {
+		return fmt.Sprintf("has schema version %d, not %d", version, schemaVersion)
+	}
+	have, err := readSchema(ctx, db)
+	if err != nil {
+		return "is damaged (" + err.Error() + ")"
+	}
+	for key, sqlText := range have {
+		if wantText, ok := want[key]; !ok {
+			return fmt.Sprintf("has a schema object of its own (%s)", sanitize(key))
+		} else if wantText != sqlText {
+			return fmt.Sprintf("has another definition of %s", sanitize(key))
+		}
+	}
+	for key := range want {
+		if _, ok := have[key]; !ok {
+			return fmt.Sprintf("lacks %s", key)
+		}
+	}
+	return ""
+}
+
+// readSchema is sqlite_schema by "type name on tbl_name", without the root
+// pages, which differ from file to file.
+func readSchema(ctx context.Context, db *sql.DB) (map[string]string, error) {
+	rows, err := db.QueryContext(ctx, "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_schema")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	schema := map[string]string{}
+	for rows.Next() {
+		var typ, name, table, text string
+		if err := rows.Scan(&typ, &name, &table, &text); err != nil {
+			return nil, err
+		}
+		schema[typ+" "+name+" on "+table] = text
+		if len(schema) > 100 {
+			return nil, errors.New("more than 100 schema objects")
+		}
+	}
+	return schema, rows.Err()
+}
+
+// ourSchema is schema.sql as SQLite records it, read from a database in
+// memory that has nothing else.
+var ourSchema = sync.OnceValues(func() (map[string]string, error) {
+	db, err := sql.Open("sqlite", ":memory:")
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(schemaSQL); err != nil {
+		return nil, err
+	}
+	return readSchema(context.Background(), db)
+})
+
 // continueKept keeps of a previous process's database what the options
 // say: sessions (and the counts that go with them), ticket keys, both,
-// and the counters. Rows of caches that are off now are dropped.
+// and the counters. Rows of caches that are off now are dropped (a DELETE
+// without WHERE empties a table at once, it does not go row by row). A
+// cache over a lowered limit is trimmed later, in sweep batches, while
+// clients are served (trimToLimits).
 func (s *store) continueKept() error {
 	if !s.keepKeys {
 		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
@@ -421,12 +521,67 @@ func (s *store) continueKept() error {
 	return s.loadCounters()
 }
 
-// openPool opens a fixed-size pool whose connections are never closed.
-func openPool(dsn string, n int) (*sql.DB, error) {
-	db, err := sql.Open("sqlite", dsn)
+// sqliteDriver opens every connection: openPool wraps it to set each
+// connection up before database/sql hands it out.
+var sqliteDriver = &sqlite.Driver{}
+
+// untrustedPragmas treat a database file as hostile, as SQLite's own
+// guidance for files of uncertain provenance says (sqlite.org/security.html,
+// with _defensive in the name: SQLITE_DBCONFIG_DEFENSIVE): functions in a
+// schema's views and triggers may not have side effects, every cell's size
+// is checked against its page, and nothing is memory-mapped, so a damaged
+// or crafted page is an error rather than a read out of bounds. They run
+// first on every connection, before anything reads the schema.
+var untrustedPragmas = []string{"trusted_schema = OFF", "cell_size_check = ON", "mmap_size = 0"}
+
+// storePragmas are the daemon's settings.
+//
+// Nothing is synced (synchronous = OFF): the caches are disposable, as
+// Postfix's own are (its btree cache never syncs); a sync holds the writer
+// whenever the WAL restarts or a checkpoint ends, and measured, it cost
+// update-heavy load at 4 connections a tenth of its throughput and a
+// third of its p99. A crash of tlsmgr loses nothing (the kernel has every
+// write); a kept database that a power failure damaged fails its check at
+// start and is emptied, like any other damage.
+var storePragmas = []string{"busy_timeout = 10000", "synchronous = OFF", "temp_store = MEMORY",
+	"secure_delete = ON", "journal_size_limit = " + fmt.Sprint(walSizeLimit)}
+
+// sqliteConnector opens connections to one database with the settings
+// above, the untrusted-file ones first.
+type sqliteConnector struct {
+	dsn     string
+	pragmas []string
+}
+
+func (c sqliteConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	conn, err := sqliteDriver.Open(c.dsn)
 	if err != nil {
 		return nil, err
 	}
+	for _, p := range c.pragmas {
+		if _, err := conn.(driver.ExecerContext).ExecContext(ctx, "PRAGMA "+p, nil); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("PRAGMA %s: %v", p, err)
+		}
+	}
+	return conn, nil
+}
+
+func (c sqliteConnector) Driver() driver.Driver { return sqliteDriver }
+
+// openPool opens a fixed-size pool of connections to name (a pinned name,
+// or a path for -stats), set up as untrusted, whose connections are never
+// closed. readOnly opens it for reading only.
+func openPool(name string, n int, readOnly bool) (*sql.DB, error) {
+	dsn := "file:" + name + "?_defensive=1"
+	pragmas := append([]string(nil), untrustedPragmas...)
+	if readOnly {
+		dsn += "&mode=ro"
+		pragmas = append(pragmas, "busy_timeout = 5000", "query_only = ON")
+	} else {
+		pragmas = append(pragmas, storePragmas...)
+	}
+	db := sql.OpenDB(sqliteConnector{dsn: dsn, pragmas: pragmas})
 	db.SetMaxOpenConns(n)
 	db.SetMaxIdleConns(n)
 	db.SetConnMaxLifetime(0)
@@ -535,9 +690,8 @@ func nullString(s string) any {
 }
 
 // close checkpoints the WAL and truncates it through the open connection
-// (in a chroot SQLite cannot remove it by name, and a -wal left behind
-// would hold deleted sessions), closes every connection, and releases the
-// lock, in that order.
+// (a -wal left behind would hold deleted sessions), closes every
+// connection, and then the files and the lock, in that order.
 func (s *store) close() {
 	if s.closed {
 		return
@@ -557,9 +711,10 @@ func (s *store) close() {
 		}
 		s.writer.Close()
 	}
-	if s.lock != nil {
-		s.lock.Close()
+	if s.pins != nil {
+		s.pins.unpin()
 	}
+	s.closeFiles()
 }
 
 // ping is the watchdog's probe: the writer still takes writes.
@@ -684,36 +839,19 @@ func (s *store) update(c *cache, id string, session []byte) int {
 }
 
 // enforceLimits evicts, in the writer's transaction, the oldest sessions
-// of a cache that is over its entry or byte limit, a batch at a time, so
-// that the next updates find room.
+// of a cache that is over its entry or byte limit: one batch (a twentieth
+// of the entry limit, at most tlsmgr_sweep_batch_size rows), so that the
+// next updates find room and no client's write waits for more than one
+// batch. A cache far over a lowered limit goes down a batch per update,
+// and in batches beside the clients (trimToLimits).
 func (s *store) enforceLimits(tx *writeTx, c *cache) error {
-	batch := c.evictBatch(s.sweepBatch)
-	var evicted int64
-	var param string
-	var limit int64
-	if c.entryLimit > 0 && c.entries.Load() > c.entryLimit {
-		param, limit = "entry", c.entryLimit
-		n, err := s.deleteRows(tx, c, c.evictStmt, c.entries.Load()-c.entryLimit+batch-1)
-		if err != nil {
-			return err
-		}
-		evicted += n
-	}
-	if c.sizeLimit > 0 && c.bytes.Load() > c.sizeLimit {
-		param, limit = "size", c.sizeLimit
-		for c.bytes.Load() > c.sizeLimit-c.sizeLimit/20 {
-			n, err := s.deleteRows(tx, c, c.evictStmt, batch)
-			if err != nil {
-				return err
-			}
-			if n == 0 {
-				break
-			}
-			evicted += n
-		}
-	}
-	if evicted == 0 {
+	param, limit, n := c.overLimit(s.sweepBatch)
+	if n == 0 {
 		return nil
+	}
+	evicted, err := s.deleteRows(tx, c, c.evictStmt, n)
+	if err != nil || evicted == 0 {
+		return err
 	}
 	tx.add(&c.count.evictions, evicted)
 	tx.onCommit(func() {
@@ -721,6 +859,40 @@ func (s *store) enforceLimits(tx *writeTx, c *cache) error {
 			c.label, evicted, c.label, param, limit)
 	})
 	return nil
+}
+
+// overLimit says which limit a cache is over and how many of its oldest
+// sessions to evict now: 0 when it is within both.
+func (c *cache) overLimit(sweepBatch int) (param string, limit, evict int64) {
+	batch := c.evictBatch(sweepBatch)
+	switch {
+	case c.entryLimit > 0 && c.entries.Load() > c.entryLimit:
+		return "entry", c.entryLimit, min(c.entries.Load()-c.entryLimit+batch-1, int64(sweepBatch))
+	case c.sizeLimit > 0 && c.bytes.Load() > c.sizeLimit:
+		return "size", c.sizeLimit, batch
+	}
+	return "", 0, 0
+}
+
+// trimToLimits evicts, a sweep batch per background write and resting as
+// the sweep does, until a cache is within its limits: a kept cache may
+// start far over a limit that was lowered. Clients' writes go between the
+// batches. It stops early when stop is closed (we are exiting).
+func (s *store) trimToLimits(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
+	defer logPanic()
+	defer wg.Done()
+	err := s.inBatches(stop, func(tx *writeTx) (bool, error) {
+		_, _, evict := c.overLimit(s.sweepBatch)
+		if evict == 0 {
+			return false, nil
+		}
+		n, err := s.deleteRows(tx, c, c.evictStmt, evict)
+		tx.add(&c.count.evictions, n)
+		return n > 0, err
+	})
+	if err != nil {
+		msg.warnLimited("cache write", "%s TLS cache: cannot evict sessions over its limits: %v", c.label, err)
+	}
 }
 
 func (s *store) remove(c *cache, id string) int {
@@ -817,37 +989,43 @@ func (s *store) flushHidden(tx *writeTx) {
 func (s *store) sweepExpired(c *cache, stop <-chan struct{}) (int64, error) {
 	var total int64
 	cutoff := s.now().Unix() - 1 // expired means expires < now, as for lookup
+	err := s.inBatches(stop, func(tx *writeTx) (bool, error) {
+		n, err := s.deleteRows(tx, c, c.sweepStmt, cutoff, s.sweepBatch)
+		tx.add(&c.count.expiredBySweep, n)
+		tx.onCommit(func() { total += n })
+		return n == int64(s.sweepBatch), err
+	})
+	return total, err
+}
+
+// inBatches runs batch in one background write after another until it
+// says there is no more to do, or stop is closed. Between two, the WAL is
+// restarted (a batch writes many pages) and the work rests twice as long
+// as the batch took: it then takes at most a third of a CPU from clients,
+// whose writes go between the batches. (Unpaced, a sweep of 500,000 rows
+// halved client throughput for 30 s.)
+func (s *store) inBatches(stop <-chan struct{}, batch func(tx *writeTx) (more bool, err error)) error {
 	for {
 		select {
 		case <-stop:
-			return total, nil
+			return nil
 		default:
 		}
 		batchStart := time.Now()
-		var n int64
-		err := s.writeBackground(func(tx *writeTx) error {
-			var err error
-			n, err = s.deleteRows(tx, c, c.sweepStmt, cutoff, s.sweepBatch)
-			tx.add(&c.count.expiredBySweep, n)
+		more := false
+		err := s.writeBackground(func(tx *writeTx) (err error) {
+			more, err = batch(tx)
 			return err
 		})
-		if err != nil {
-			return total, err
+		if err != nil || !more {
+			return err
 		}
-		total += n
-		if n < int64(s.sweepBatch) {
-			return total, nil
-		}
-		s.restartWAL() // the sweep writes many pages: keep the WAL small meanwhile
-		// Rest twice as long as the batch took: the sweep then takes at
-		// most a third of a CPU from clients. Expired sessions are already
-		// invisible to lookups; only their disk space waits. Unpaced, a
-		// sweep of 500,000 rows halved client throughput for 30 s.
+		s.restartWAL()
 		pause := time.NewTimer(sweepPauseFactor * time.Since(batchStart))
 		select {
 		case <-stop:
 			pause.Stop()
-			return total, nil
+			return nil
 		case <-pause.C:
 		}
 	}
@@ -858,19 +1036,15 @@ const sweepPauseFactor = 2
 
 // saveTicketKeys keeps the current and previous ticket keys
 // (tlsmgr_keep_ticket_keys), so that tickets issued before a restart still
-// decrypt after it. A failure costs only that.
-func (s *store) saveTicketKeys(cur, prev *ticketKey) {
-	if !s.keepKeys {
-		return
-	}
-	err := s.write(func(tx *writeTx) error {
+// decrypt after it. A failure costs only that. Only the key keeper calls
+// it, never a request.
+func (s *store) saveTicketKeys(keys []ticketKey) error {
+	return s.write(func(tx *writeTx) error {
 		if err := tx.execSQL("DELETE FROM ticket_keys"); err != nil {
 			return err
 		}
-		for slot, k := range []*ticketKey{cur, prev} {
-			if k == nil {
-				continue
-			}
+		for slot := range keys {
+			k := &keys[slot]
 			if err := tx.execSQL("INSERT INTO ticket_keys (slot, name, cipher_key, hmac_key, tout) VALUES (?, ?, ?, ?, ?)",
 				int64(slot), k.name[:], k.bits[:], k.hmac[:], k.tout); err != nil {
 				return err
@@ -878,8 +1052,91 @@ func (s *store) saveTicketKeys(cur, prev *ticketKey) {
 		}
 		return nil
 	})
-	if err != nil {
-		msg.warnLimited("ticket keys", "session cache database %s: cannot keep the session ticket keys: %v", s.path, err)
+}
+
+// keyKeeper writes the ticket keys to the database beside the request
+// path: tktkey hands it copies while it holds the key lock and goes on at
+// once, and the keeper writes the newest pair when the database lets it.
+// A pair that a newer one replaced before it was written is wiped
+// unwritten. So no tktkey waits for a disk, or for another process that
+// holds the database.
+type keyKeeper struct {
+	store   *store
+	mu      sync.Mutex
+	pending []ticketKey // the newest pair not yet taken (current first); empty: none
+	writeMu sync.Mutex  // one write at a time: run's, or flush's at exit
+	writing []ticketKey // the pair being written
+	wake    chan struct{}
+}
+
+func newKeyKeeper(s *store) *keyKeeper {
+	return &keyKeeper{store: s, wake: make(chan struct{}, 1)}
+}
+
+// keep is ticketKeys.made: it runs under the key lock, so it only copies.
+func (k *keyKeeper) keep(cur, prev *ticketKey) {
+	k.mu.Lock()
+	wipeKeys(k.pending)
+	k.pending = k.pending[:0]
+	for _, key := range []*ticketKey{cur, prev} {
+		if key != nil {
+			k.pending = append(k.pending, *key)
+		}
+	}
+	k.mu.Unlock()
+	select {
+	case k.wake <- struct{}{}:
+	default: // the keeper is already due to look
+	}
+}
+
+// run writes what keep hands it until stop is closed.
+func (k *keyKeeper) run(stop <-chan struct{}, done func()) {
+	defer logPanic()
+	defer done()
+	for {
+		select {
+		case <-k.wake:
+			k.flush()
+		case <-stop:
+			return
+		}
+	}
+}
+
+// flush writes the pair that is pending, if any, and wipes its copy. The
+// exit calls it before it wipes the keys, so that the newest pair is kept.
+func (k *keyKeeper) flush() {
+	k.writeMu.Lock()
+	defer k.writeMu.Unlock()
+	k.mu.Lock()
+	k.writing, k.pending = k.pending, k.writing[:0]
+	k.mu.Unlock()
+	if len(k.writing) == 0 {
+		return
+	}
+	if err := k.store.saveTicketKeys(k.writing); err != nil {
+		msg.warnLimited("ticket keys", "session cache database %s: cannot keep the session ticket keys: %v", k.store.path, err)
+	}
+	wipeKeys(k.writing)
+	k.writing = k.writing[:0]
+}
+
+// wipeAtExit clears the copies, waiting neither for a write that a
+// database held by another process may stall nor, for long, for the lock:
+// the process is exiting. Nothing is written after it.
+func (k *keyKeeper) wipeAtExit() {
+	if lockSoon(&k.mu) {
+		defer k.mu.Unlock()
+	}
+	wipeKeys(k.pending[:cap(k.pending)])
+	wipeKeys(k.writing[:cap(k.writing)])
+	k.pending = k.pending[:0]
+}
+
+func wipeKeys(keys []ticketKey) {
+	for i := range keys {
+		keys[i].wipe()
 	}
 }
 
@@ -913,6 +1170,7 @@ func (s *store) loadTicketKeys() ([]ticketKey, error) {
 // runSweeper sweeps one cache now and then every timeout seconds, like
 // tlsmgr's cleanup timer, until stop is closed.
 func (s *store) runSweeper(c *cache, stop <-chan struct{}, wg *sync.WaitGroup) {
+	defer logPanic()
 	defer wg.Done()
 	tick := time.NewTicker(time.Duration(c.timeout) * time.Second)
 	defer tick.Stop()

@@ -25,7 +25,10 @@ func openStoreWith(path string, caches []cacheConfig, opts storeOptions) (*store
 	if err != nil {
 		return nil, err
 	}
-	if err := s.open(path, os.Geteuid(), 0); err != nil {
+	if err := s.openFiles(path, os.Geteuid(), 0); err != nil {
+		return nil, err
+	}
+	if err := s.open(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -167,7 +170,8 @@ func TestOfflineStore(t *testing.T) {
 	}
 	dir := t.TempDir()
 	os.Mkdir(filepath.Join(dir, "tlsmgr.sqlite"), 0700) // cannot be removed
-	if err := st.open(filepath.Join(dir, "tlsmgr.sqlite"), os.Geteuid(), 0); err == nil {
+	st.offline()                                        // as postJailInit does
+	if err := st.openFiles(filepath.Join(dir, "tlsmgr.sqlite"), os.Geteuid(), 0); err == nil {
 		t.Fatal("open over a directory succeeded")
 	}
 	p, _ := newPool()

@@ -478,7 +478,7 @@ func TestMalformedRequests(t *testing.T) {
 		{"request names are case-sensitive", "request\x00SEED\x00size\x0032\x00\x00",
 			fail, `unknown request "SEED"`},
 		{"base64 length not a multiple of 4", "request\x00update\x00cache_type\x00smtp\x00cache_id\x00x\x00session\x00abc\x00\x00",
-			fail, "malformed base64 data from tlsmgr socket while reading input attribute value: abc"},
+			fail, "malformed base64 data from tlsmgr socket while reading input attribute value: session, 3 bytes"},
 		{"base64 with a bad character", "request\x00tktkey\x00keyname\x00ab*d\x00\x00",
 			fail + " keybuf=", "malformed base64 data"},
 		{"base64 with newline", "request\x00tktkey\x00keyname\x00ab\ncd==\x00\x00",
@@ -508,12 +508,49 @@ func TestMalformedRequests(t *testing.T) {
 				t.Errorf("reply %q, want %q", got, tc.reply)
 			}
 			waitFor(t, func() bool { return strings.Contains(logged(), tc.logged) }, "log line %q in %q", tc.logged, logged)
+			if strings.Contains(tc.name, "base64") && (strings.Contains(logged(), "abc") || strings.Contains(logged(), "ab*d")) {
+				t.Errorf("the bytes of a session or key name were logged: %s", logged())
+			}
 			if tc.reply != "closed" { // the connection still works afterwards
 				if got := c.req("request", "policy", "cache_type", "smtp"); got != "status=0 cachable=1 timeout=3600" {
 					t.Errorf("next request: %s", got)
 				}
 			}
 		})
+	}
+}
+
+// A malformed lookup, tktkey or seed gets status -2 and empty data, never
+// bytes left from an earlier reply on the same connection: what Postfix
+// 3.12 fixed in its own tlsmgr (20260710, "do not reply with stale data
+// after an error receiving a tlsmgr(8) request"). Each malformed request
+// follows a request of the same kind that was answered with data.
+func TestMalformedRequestsGetEmptyData(t *testing.T) {
+	s := startServer(t, allCaches(3600))
+	c := dial(t, s.sock)
+	if got := c.req("request", "update", "cache_type", "smtp", "cache_id", "id", "session", b64("secret session")); got != "status=0" {
+		t.Fatalf("update: %s", got)
+	}
+	for _, tc := range []struct{ name, good, bad, want string }{
+		{"seed, a size that is not a number",
+			"request\x00seed\x00size\x0032\x00\x00", "request\x00seed\x00size\x0032x\x00\x00", "status=4294967294 seed="},
+		{"seed, its attribute missing",
+			"request\x00seed\x00size\x0032\x00\x00", "request\x00seed\x00\x00", "status=4294967294 seed="},
+		{"lookup, cache_id missing",
+			"request\x00lookup\x00cache_type\x00smtp\x00cache_id\x00id\x00\x00", "request\x00lookup\x00cache_type\x00smtp\x00\x00", "status=4294967294 session="},
+		{"lookup, attributes out of order",
+			"request\x00lookup\x00cache_type\x00smtp\x00cache_id\x00id\x00\x00", "request\x00lookup\x00cache_id\x00id\x00cache_type\x00smtp\x00\x00", "status=4294967294 session="},
+		{"tktkey, bad base64",
+			"request\x00tktkey\x00keyname\x00\x00\x00", "request\x00tktkey\x00keyname\x00a*==\x00\x00", "status=4294967294 keybuf="},
+		{"tktkey, keyname missing",
+			"request\x00tktkey\x00keyname\x00\x00\x00", "request\x00tktkey\x00\x00", "status=4294967294 keybuf="},
+	} {
+		if got := c.raw(tc.good); !strings.HasPrefix(got, "status=0 ") || strings.HasSuffix(got, " seed=") || strings.HasSuffix(got, " session=") || strings.HasSuffix(got, " keybuf=") {
+			t.Fatalf("%s: the good request got %q, no data", tc.name, got)
+		}
+		if got := c.raw(tc.bad); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
 	}
 }
 

@@ -360,6 +360,7 @@ func (tx *writeTx) bind(args []any) ([]driver.NamedValue, error) {
 // has grown past walRestartFrames, the checkpointer copies the few frames
 // left with the writer held, and the next transaction restarts the WAL.
 func (s *store) runCheckpointer() {
+	defer logPanic()
 	defer close(s.checkpointerDone)
 	tick := time.NewTicker(checkpointPeriod)
 	defer tick.Stop()
