@@ -198,18 +198,68 @@ func TestKeptAcrossRestart(t *testing.T) {
 
 // Restored keys follow the T/2 rules as if there had been no restart: a
 // key past tout + H is dropped, one past tout decrypts but does not issue.
+// A key whose tout is beyond now + H cannot have been made by these rules:
+// it is dropped with one warning, and a new key is made (a key ten years
+// ahead was used for ten years).
 func TestRestoredTicketKeys(t *testing.T) {
-	keys := newTicketKeys(3600, nil)
+	logged := captureLog(t)
+	p, _ := newPool()
+	keys := newTicketKeys(3600, p)
 	now := keys.now().Unix()
+	name := func(b byte) []byte { return append([]byte{b}, make([]byte, 15)...) }
 	keys.restore([]ticketKey{
-		{name: [16]byte{1}, tout: now - 10},   // stopped issuing, still decrypts
-		{name: [16]byte{2}, tout: now - 1800}, // past tout + H
+		{name: [16]byte{3}, tout: now + 10*365*86400}, // ten years ahead
+		{name: [16]byte{1}, tout: now - 10},           // stopped issuing, still decrypts
+		{name: [16]byte{2}, tout: now - 1800},         // past tout + H
 	})
-	if _, ok := keys.find([]byte{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}); !ok {
+	if _, ok := keys.find(name(1)); !ok {
 		t.Error("a kept key within tout + H does not decrypt")
 	}
-	if _, ok := keys.find([]byte{2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}); ok {
+	if _, ok := keys.find(name(2)); ok {
 		t.Error("a kept key past tout + H decrypts")
+	}
+	if _, ok := keys.find(name(3)); ok {
+		t.Error("a kept key ten years ahead decrypts")
+	}
+	if k, _, err := keys.issue(); err != nil || k.name == [16]byte{3} || k.name == [16]byte{1} || k.tout != now+1799 {
+		t.Errorf("issued %x (tout %d, %v), want a new key", k.name, k.tout-now, err)
+	}
+	if n := strings.Count(logged(), "warning:"); n != 1 || !strings.Contains(logged(), "kept session ticket key 03000000000000000000000000000000 would issue tickets until") {
+		t.Errorf("want one warning about the key ten years ahead:\n%s", logged())
+	}
+}
+
+// A clock stepped back, or forward, never lengthens a key's life: a key
+// issues tickets for at most H - 1 s and decrypts them for at most 2H - 1 s
+// on the monotonic clock, whatever the wall clock says.
+func TestTicketKeysClockSteps(t *testing.T) {
+	p, _ := newPool()
+	keys := newTicketKeys(120, p) // H = 60 s
+	wall, mono := time.Unix(1_800_000_000, 0), time.Hour
+	keys.now = func() time.Time { return wall }
+	keys.mono = func() time.Duration { return mono }
+	a, _, _ := keys.issue()
+
+	wall, mono = wall.Add(-time.Hour), mono+30*time.Second // stepped back an hour, 30 s later
+	if k, made, _ := keys.issue(); made || k.name != a.name {
+		t.Fatal("the key changed before its time")
+	}
+	mono += 29 * time.Second // H - 1 s after it was made: the wall clock says 59 min more
+	b, made, _ := keys.issue()
+	if !made || b.name == a.name {
+		t.Error("a key kept issuing past H - 1 s because the wall clock was stepped back")
+	}
+	if _, ok := keys.find(a.name[:]); !ok {
+		t.Error("the previous key no longer decrypts within 2H")
+	}
+	mono += 60 * time.Second // 2H - 1 s after a was made
+	if _, ok := keys.find(a.name[:]); ok {
+		t.Error("a key decrypted past 2H - 1 s because the wall clock was stepped back")
+	}
+
+	wall = wall.Add(2 * time.Hour) // stepped forward: the wall clock retires b at once
+	if c, made, _ := keys.issue(); !made || c.name == b.name {
+		t.Error("a key outlived its tout on the wall clock")
 	}
 }
 
