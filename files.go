@@ -64,7 +64,7 @@ func setEUGID(uid, gid int) error {
 // fstat files, never read what is in them; the reading waits for
 // postJailInit, after enterJail has dropped every uid.
 func asMailOwner(owner *mailOwner, open func() error) error {
-	if owner == nil || os.Geteuid() != 0 {
+	if owner == nil || !anyRoot() {
 		return open()
 	}
 	if err := setEUGID(owner.uid, owner.gid); err != nil {
@@ -79,7 +79,7 @@ func asMailOwner(owner *mailOwner, open func() error) error {
 
 // fileOwnerUID is the uid that every data file must belong to.
 func fileOwnerUID(owner *mailOwner) int {
-	if owner != nil && os.Geteuid() == 0 {
+	if owner != nil && anyRoot() {
 		return owner.uid
 	}
 	return os.Geteuid()

@@ -114,4 +114,5 @@ func (s *store) closeLookups() {
 	for range s.lookupsOpen {
 		s.lookups <- nil
 	}
+	s.lookupsOpen = 0 // a second close finds nothing to close
 }

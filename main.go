@@ -145,7 +145,7 @@ func runUnderMaster(args []string) {
 	// 4. Pre-init, as root: the entropy source, then, as mail_owner, every
 	// file in data_directory, opened and not read.
 	var owner *mailOwner
-	if opts.dropPrivs || os.Geteuid() == 0 {
+	if opts.dropPrivs || anyRoot() {
 		var err error
 		if owner, err = lookupMailOwner(cfg.mustStr("mail_owner")); err != nil {
 			msg.fatal("%s/main.cf: %v", configDir, err)
@@ -165,7 +165,7 @@ func runUnderMaster(args []string) {
 	// tlsmgr keeps root; ours never needs it after pre-init, and reads
 	// nothing as root, so it drops all the same.
 	dropTo := owner
-	if os.Geteuid() != 0 {
+	if !anyRoot() {
 		dropTo = nil // nothing to drop (tests, -S by hand)
 	} else if !opts.dropPrivs {
 		msg.warn("master.cf runs %s with unprivileged = n; it drops to mail_owner %s anyway, as it never needs root after start-up", serviceName, owner.name)
@@ -224,7 +224,7 @@ func runStandalone(args []string) {
 	raw := fs.Bool("raw", false, "with -query: write the decoded payload bytes to stdout instead of text")
 	verbose := fs.Bool("v", false, "verbose logging")
 	showVersion := fs.Bool("version", false, "print the version, commit and Go version, and exit")
-	userName := fs.String("user", "", "started as root, run as this `user` (default: mail_owner, postfix); never as root")
+	userName := fs.String("user", "", "started as root, run (and -query, -stats) as this `user` (default: mail_owner, postfix); never as root")
 	overrides := overrideFlag(fs)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
@@ -236,6 +236,23 @@ func runStandalone(args []string) {
 		os.Exit(0)
 	}
 	if *query {
+		// As root, the replies of a server that mail_owner may run are
+		// read as mail_owner (or -user), never as root.
+		if anyRoot() {
+			cfg := newConfig()
+			if *mailConfig != "" {
+				if err := cfg.readMainCF(mainCFPath(*mailConfig), msg.warn); err != nil {
+					msg.fatal("%v", err)
+				}
+			}
+			if err := enterJail("", false, standaloneOwner(cfg, *userName)); err != nil {
+				msg.fatal("%v", err)
+			}
+		}
+		if *raw && isTerminal(1) {
+			fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: -raw writes the binary payloads (seeds, sessions, keys): send it to a file or a pipe, not a terminal")
+			os.Exit(2)
+		}
 		os.Exit(runQuery(*socket, fs.Args(), *repeat, *raw))
 	}
 	if *stats {
@@ -270,8 +287,16 @@ func runStandalone(args []string) {
 		inUse.readHolder()
 		msg.fatal("%v; not starting", inUse)
 	}
-	ln, err := listenUnix(*listen) // as master(8) makes its sockets: before the drop
-	if err != nil {
+	// The socket is made before the drop, as master(8) makes its own, and
+	// as the user tlsmgr runs as: its clients are that user's (and root).
+	var ln net.Listener
+	err := asMailOwner(owner, func() (err error) {
+		ln, err = listenUnix(*listen)
+		return err
+	})
+	if err != nil && owner != nil {
+		msg.fatal("%v (started as root, tlsmgr makes its socket as %s, who must be able to write to %s)", err, owner.name, filepath.Dir(*listen))
+	} else if err != nil {
 		msg.fatal("%v", err)
 	}
 	d.socketPath = *listen
@@ -449,7 +474,7 @@ func openStatsFile(path string) (*os.File, error) {
 // after pre-init as under master: -user NAME, or else mail_owner. It
 // never serves, nor reads a database, as root. Not root: nil, itself.
 func standaloneOwner(cfg *config, name string) *mailOwner {
-	if os.Geteuid() != 0 {
+	if !anyRoot() {
 		return nil
 	}
 	param := "-user"
@@ -463,10 +488,10 @@ func standaloneOwner(cfg *config, name string) *mailOwner {
 	return owner
 }
 
-// makeDataDir makes sure the standalone data directory exists and belongs
-// to whom the daemon will run as. Started as root, it makes a missing one
-// itself and gives it to owner through the descriptor of the directory it
-// has just made; an existing one of anyone else stops start-up.
+// makeDataDir makes sure the standalone data directory exists, belongs to
+// whom the daemon will run as, and is within that user's reach. Started as
+// root, it makes a missing one for that user (makeOwnersDirectory); one of
+// anyone else stops start-up.
 func makeDataDir(dir string, owner *mailOwner) {
 	if owner == nil {
 		if err := os.MkdirAll(dir, 0700); err != nil {
@@ -475,22 +500,57 @@ func makeDataDir(dir string, owner *mailOwner) {
 		return
 	}
 	var st syscall.Stat_t
-	err := syscall.Stat(dir, &st)
-	if err == syscall.ENOENT {
-		if err := os.MkdirAll(filepath.Dir(dir), 0755); err != nil {
+	switch err := syscall.Stat(dir, &st); {
+	case err == syscall.ENOENT:
+		if err := makeOwnersDirectory(dir, owner); err != nil {
 			msg.fatal("cannot create data directory %s: %s", dir, errText(err))
 		}
-		if err := giveNewDirectory(dir, owner); err != nil {
-			msg.fatal("cannot create data directory %s: %s", dir, errText(err))
-		}
-		return
-	}
-	if err != nil {
+	case err != nil:
 		msg.fatal("data directory %s: %s", dir, errText(err))
-	}
-	if int(st.Uid) != owner.uid {
+	case int(st.Uid) != owner.uid:
 		msg.fatal("data directory %s belongs to uid %d, not to %s (uid %d), whom tlsmgr started as root runs as: give it to %s, or choose another -user or -data",
 			dir, st.Uid, owner.name, owner.uid, owner.name)
+	}
+	err := asMailOwner(owner, func() error {
+		fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+		if err == nil {
+			syscall.Close(fd)
+		}
+		return err
+	})
+	if err != nil {
+		msg.fatal("data directory %s is out of reach of %s (%s): a directory on the way is closed to it; choose a -data that %s can reach", dir, owner.name, errText(err), owner.name)
+	}
+}
+
+// makeOwnersDirectory makes dir, as root, for owner, so that nobody else
+// chooses where it goes: in a directory of owner's, it is made as owner;
+// otherwise every directory on the way must be root's alone (a real
+// directory, not a link, that nobody else may write to), and it is made as
+// root and given to owner through its descriptor.
+func makeOwnersDirectory(dir string, owner *mailOwner) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	var st syscall.Stat_t
+	parent := filepath.Dir(dir)
+	if err := syscall.Lstat(parent, &st); err != nil {
+		return err
+	}
+	if st.Mode&syscall.S_IFMT == syscall.S_IFDIR && int(st.Uid) == owner.uid {
+		return asMailOwner(owner, func() error { return syscall.Mkdir(dir, 0o700) })
+	}
+	for p := parent; ; p = filepath.Dir(p) {
+		if err := syscall.Lstat(p, &st); err != nil {
+			return err
+		}
+		if st.Mode&syscall.S_IFMT != syscall.S_IFDIR || st.Uid != 0 || st.Mode&0o022 != 0 {
+			return fmt.Errorf("%s is not a directory of root's that only root may write to; make the data directory yourself and give it to %s", p, owner.name)
+		}
+		if p == "/" {
+			return giveNewDirectory(dir, owner)
+		}
 	}
 }
 
@@ -557,20 +617,23 @@ func (c *config) mustStrOr(name, fallback string) string {
 
 // daemon is everything the running process owns.
 type daemon struct {
-	cfg        *config
-	owner      *mailOwner // whom files are opened as; nil when we are not root
-	store      *store
-	pool       *pool
-	source     *entropySource
-	exchange   *exchangeFile // nil when tls_random_exchange_name is empty or unusable
-	srv        *server
-	keeper     *keyKeeper     // writes the ticket keys to the database; nil unless kept
-	storeErr   error          // why pre-init could not open the database files
-	chrooted   bool           // paths outside queue_directory no longer resolve
-	socketPath string         // standalone mode removes its socket on exit
-	stopSweep  chan struct{}  // closed on exit: the sweepers stop
-	sweepers   sync.WaitGroup // ... and exit waits for them before closing the store
-	exitOnce   sync.Once
+	cfg      *config
+	owner    *mailOwner // whom files are opened as; nil when we are not root
+	store    *store
+	pool     *pool
+	source   *entropySource
+	exchange *exchangeFile // nil when tls_random_exchange_name is empty or unusable
+	srv      *server
+	keeper   *keyKeeper // writes the ticket keys to the database; nil unless kept
+	storeErr error      // why pre-init could not open the database files
+	// openStore runs beside serving; shutdown stops it and waits for it.
+	stopOpening context.CancelFunc
+	storeOpened chan struct{}
+	chrooted    bool           // paths outside queue_directory no longer resolve
+	socketPath  string         // standalone mode removes its socket on exit
+	stopSweep   chan struct{}  // closed on exit: the sweepers stop
+	sweepers    sync.WaitGroup // ... and exit waits for them before closing the store
+	exitOnce    sync.Once
 }
 
 // Bounds of an orderly exit. master(8) starts our successor while we exit
@@ -663,9 +726,7 @@ func preJailInit(cfg *config, owner *mailOwner, standalone bool) *daemon {
 // continued or started again), the kept ticket keys, the exchange file.
 // Then, as in Postfix: reseed, exchange update, cache cleanup timers.
 func (d *daemon) postJailInit() {
-	if d.owner != nil {
-		mustHaveDropped()
-	}
+	mustHaveDropped()
 	pinsOnly() // SQLite opens the descriptors of pre-init, and no name at all
 	if err := d.storeErr; err != nil {
 		var inUse *errDatabaseInUse
@@ -674,21 +735,14 @@ func (d *daemon) postJailInit() {
 		}
 		msg.warn("%v; session caching is off in this process", err)
 		d.store.offline()
-	} else if err := d.store.open(); err != nil {
-		msg.warn("%v; session caching is off in this process", err)
 	}
-	keys := d.srv.keys
-	if kept, err := d.store.loadTicketKeys(); err != nil {
-		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
-	} else if !keys.disabled() {
-		keys.restore(kept)
-	}
-	if d.store.keepKeys && d.store.writer != nil {
-		d.keeper = newKeyKeeper(d.store)
-		keys.made = d.keeper.keep
-		d.sweepers.Add(1)
-		go d.keeper.run(d.stopSweep, d.sweepers.Done)
-	}
+	// The database is checked and opened beside serving: seeds and ticket
+	// keys never wait for it, even when it is large, or held by another
+	// process. Until it is open, lookups miss and updates are not stored.
+	var ctx context.Context
+	ctx, d.stopOpening = context.WithCancel(context.Background())
+	d.storeOpened = make(chan struct{})
+	go d.openStore(ctx)
 
 	d.reseedKernel() // then tls_random_source, beside serving: it may take up to sourceTimeout
 	go d.srv.adaptProcs()
@@ -704,6 +758,33 @@ func (d *daemon) postJailInit() {
 		d.saveExchange()
 		go d.runExchangeTimer()
 	}
+}
+
+// openStore is the part of post-init that reads the session database: it
+// checks and opens it (store.open), restores the kept ticket keys, and
+// starts the keeper, the sweeps and the statistics. It runs beside
+// serving; shutdown cancels it and waits for it.
+func (d *daemon) openStore(ctx context.Context) {
+	defer logPanic()
+	defer close(d.storeOpened)
+	if err := d.store.open(ctx); err != nil {
+		msg.warn("%v; session caching is off in this process", err)
+	}
+	if d.store.writer == nil {
+		return
+	}
+	keys := d.srv.keys
+	if kept, err := d.store.loadTicketKeys(ctx); err != nil {
+		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
+	} else if !keys.disabled() {
+		keys.restore(kept)
+	}
+	if d.store.keepKeys {
+		d.keeper = newKeyKeeper(d.store)
+		keys.keepWith(d.keeper.keep) // and keeps the pair it holds now
+		d.sweepers.Add(1)
+		go d.keeper.run(d.stopSweep, d.sweepers.Done)
+	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
 			d.sweepers.Add(2)
@@ -711,10 +792,8 @@ func (d *daemon) postJailInit() {
 			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
 		}
 	}
-	if d.store.writer != nil {
-		d.sweepers.Add(1)
-		go d.store.runStatistics(time.Duration(d.cfg.mustNum("tlsmgr_statistics_log_period"))*time.Second, d.stopSweep, d.sweepers.Done)
-	}
+	d.sweepers.Add(1)
+	go d.store.runStatistics(time.Duration(d.cfg.mustNum("tlsmgr_statistics_log_period"))*time.Second, d.stopSweep, d.sweepers.Done)
 }
 
 // reseed mixes fresh kernel entropy into the pool, then one read of
@@ -784,10 +863,19 @@ func (d *daemon) saveExchange() {
 func (d *daemon) shutdown(code int) {
 	d.exitOnce.Do(func() {
 		time.AfterFunc(exitLimit, func() {
+			defer logPanic()
 			d.wipeAtExit()
 			os.Exit(code)
 		})
 		d.srv.drain(drainLimit)
+		if d.storeOpened != nil { // let a start that is opening the database finish, a little
+			select {
+			case <-d.storeOpened:
+			case <-time.After(time.Second):
+				d.stopOpening()
+				<-d.storeOpened
+			}
+		}
 		d.saveExchange()
 		if d.keeper != nil {
 			d.keeper.flush() // the newest keys reach the database before they are wiped

@@ -227,6 +227,7 @@ func (m *masterStatus) sendOrExit(avail int32) {
 // sendAvail runs availDelay after a request left none in flight, and says
 // "available" once none has been in flight for availDelay.
 func (m *masterStatus) sendAvail() {
+	defer logPanic() // it runs from a timer, on a goroutine of its own
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.availArmed.Store(false) // from here on, a request that ends arms it again
@@ -344,6 +345,11 @@ func enterJail(dir string, chroot bool, owner *mailOwner) error {
 		}
 	}
 	if owner != nil {
+		if os.Geteuid() != 0 { // root only as real or saved uid: take it back to drop it for good
+			if err := syscall.Seteuid(0); err != nil {
+				return fmt.Errorf("seteuid(0): %s", errText(err))
+			}
+		}
 		if err := syscall.Setgroups(owner.groups); err != nil {
 			return fmt.Errorf("initgroups(%s, %d): %s", owner.name, owner.gid, errText(err))
 		}
@@ -353,8 +359,9 @@ func enterJail(dir string, chroot bool, owner *mailOwner) error {
 		if err := syscall.Setuid(owner.uid); err != nil {
 			return fmt.Errorf("setuid(%d): %s", owner.uid, errText(err))
 		}
-		if r, e, s := getresuid(); r == 0 || e == 0 || s == 0 {
-			return fmt.Errorf("setuid(%d): uids are still %d, %d, %d", owner.uid, r, e, s)
+		if anyRoot() || anyRootGroup() {
+			r, e, s := getresuid()
+			return fmt.Errorf("setuid(%d): uids are still %d, %d, %d, or a gid is 0", owner.uid, r, e, s)
 		}
 	}
 	noCoreDumps()
@@ -362,17 +369,31 @@ func enterJail(dir string, chroot bool, owner *mailOwner) error {
 }
 
 // getresuid returns the real, effective and saved uid.
-func getresuid() (r, e, s int) {
+func getresuid() (r, e, s int) { return getres(syscall.SYS_GETRESUID) }
+
+func getres(call uintptr) (r, e, s int) {
 	var ids [3]uint32
-	syscall.RawSyscall(syscall.SYS_GETRESUID, uintptr(unsafe.Pointer(&ids[0])), uintptr(unsafe.Pointer(&ids[1])), uintptr(unsafe.Pointer(&ids[2])))
+	syscall.RawSyscall(call, uintptr(unsafe.Pointer(&ids[0])), uintptr(unsafe.Pointer(&ids[1])), uintptr(unsafe.Pointer(&ids[2])))
 	return int(ids[0]), int(ids[1]), int(ids[2])
 }
 
-// mustHaveDropped is the first thing post-init does when it started as
-// root: from here on everything may read what mail_owner wrote, so no uid
-// may be root's any longer.
+// anyRoot reports whether the real, effective or saved uid is root's: a
+// process with any of them can become root again, so it is root.
+func anyRoot() bool {
+	r, e, s := getresuid()
+	return r == 0 || e == 0 || s == 0
+}
+
+func anyRootGroup() bool {
+	r, e, s := getres(syscall.SYS_GETRESGID)
+	return r == 0 || e == 0 || s == 0
+}
+
+// mustHaveDropped is the first thing post-init does: from here on
+// everything may read what mail_owner wrote, so no uid may be root's.
 func mustHaveDropped() {
-	if r, e, s := getresuid(); r == 0 || e == 0 || s == 0 {
+	if anyRoot() {
+		r, e, s := getresuid()
 		msg.fatal("post-jail initialization with uids %d, %d, %d: privileges were not dropped", r, e, s)
 	}
 }
@@ -390,8 +411,9 @@ func noCoreDumps() {
 
 // giveNewDirectory makes the directory dir as root and gives it to owner,
 // through a descriptor of the directory just made: nobody else can have
-// it yet. It is standalone mode's data directory; under master(8)
-// data_directory is Postfix's.
+// it yet, as only root may write to the directories on its way
+// (makeOwnersDirectory). It is standalone mode's data directory; under
+// master(8) data_directory is Postfix's.
 func giveNewDirectory(dir string, owner *mailOwner) error {
 	if err := syscall.Mkdir(dir, 0o700); err != nil {
 		return err
@@ -405,7 +427,7 @@ func giveNewDirectory(dir string, owner *mailOwner) error {
 	if err := syscall.Fstat(fd, &st); err != nil {
 		return err
 	}
-	if st.Uid != 0 || st.Nlink != 2 {
+	if st.Uid != 0 || st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
 		return fmt.Errorf("it changed while it was made")
 	}
 	return syscall.Fchown(fd, owner.uid, owner.gid)

@@ -430,7 +430,8 @@ func TestStdinStream(t *testing.T) {
 func TestStandaloneAndQuery(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "tlsmgr.sock")
-	cmd := exec.Command(tlsmgrBinary(t), append(asNobody(t, dir), "-listen", sock, "-data", filepath.Join(dir, "data"))...)
+	user := asNobody(t, dir) // as root, the daemon and -query run as nobody
+	cmd := exec.Command(tlsmgrBinary(t), append(user, "-listen", sock, "-data", filepath.Join(dir, "data"))...)
 	var stderr lockedBuffer
 	cmd.Stderr = &syncWriter{b: &stderr}
 	if err := cmd.Start(); err != nil {
@@ -439,7 +440,7 @@ func TestStandaloneAndQuery(t *testing.T) {
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
 	query := func(args ...string) string {
 		for i := 0; i < 100; i++ {
-			out, err := exec.Command(tlsmgrBinary(t), append([]string{"-query", "-socket", sock}, args...)...).CombinedOutput()
+			out, err := exec.Command(tlsmgrBinary(t), append(append([]string{"-query", "-socket", sock}, user...), args...)...).CombinedOutput()
 			if err == nil {
 				return string(out)
 			}
@@ -470,7 +471,7 @@ func TestStandaloneAndQuery(t *testing.T) {
 	if out := query("seed", "300"); !strings.HasPrefix(out, "status=-2 (FAIL: the size must be 1-255)\n") {
 		t.Errorf("seed 300: %q", out)
 	}
-	raw, err := exec.Command(tlsmgrBinary(t), "-query", "-socket", sock, "-raw", "-repeat", "100", "seed", "255").Output()
+	raw, err := exec.Command(tlsmgrBinary(t), append(append([]string{"-query", "-socket", sock}, user...), "-raw", "-repeat", "100", "seed", "255")...).Output()
 	if err != nil || len(raw) != 25500 {
 		t.Errorf("-raw -repeat 100 seed 255: %d bytes, %v", len(raw), err)
 	}

@@ -151,6 +151,7 @@ func (d *hashDRBG) generate(out, additional []byte) error {
 	prefixed[0] = 3
 	copy(prefixed[1:], d.v[:])
 	block = sha256.Sum256(prefixed[:])
+	clear(prefixed[:])
 	addInto(&d.v, block[:])
 	addInto(&d.v, d.c[:])
 	var ctr [8]byte

@@ -216,11 +216,12 @@ func (w *attrWriter) end() { w.buf = append(w.buf, 0) }
 // request is one parsed request; ok is false when its attributes did not
 // parse (the handler then answers FAIL with empty payloads).
 type request struct {
-	name string
-	ok   bool
-	strs [3]string
-	num  uint32
-	data []byte
+	name       string
+	ok         bool
+	strs       [3]string
+	num        uint32
+	data       []byte
+	encodedLen int // of data, in base64: the bytes of the read buffer it took
 }
 
 // server holds what every connection shares.
@@ -303,7 +304,7 @@ func (s *server) serveConn(rw clientStream, cc *clientConn, announce bool) {
 		clear(w.buf) // it held a seed, a key or a session: gone once sent
 		if req.name == "update" {
 			clear(req.data)
-			clear(r.tok[:cap(r.tok)]) // the session, base64-encoded
+			clear(r.tok[:min(req.encodedLen+1, cap(r.tok))]) // the session, base64-encoded
 		}
 		if werr != nil && isTimeout(werr) {
 			msg.warn("timeout on %s while writing a reply: the client does not read; closing the connection", s.streamName)
@@ -436,6 +437,7 @@ func (s *server) readRequest(r *attrReader) (*request, error) {
 			}
 			req.num = n
 		case attrData:
+			req.encodedLen = len(v)
 			d, ok := decodeBase64(v)
 			if !ok {
 				// Never the bytes: a session or a key name may be secret.
@@ -549,6 +551,9 @@ func (s *server) cacheOp(req *request, op func(*cache) int) int {
 	}
 	if !c.enabled() {
 		return statFail
+	}
+	if !s.store.usable() {
+		return statErr // the database is still being opened: not found, not stored
 	}
 	return op(c)
 }
@@ -726,11 +731,29 @@ func (t *ticketKeys) restore(keys []ticketKey) {
 		}
 		k.wipe()
 	}
-	if len(usable) > 0 {
-		t.cur = usable[0]
+	// Keys made in this process before the database was open come first:
+	// the newest kept key becomes the previous one, so that its tickets
+	// still decrypt.
+	for _, k := range usable {
+		switch {
+		case t.cur == nil:
+			t.cur = k
+		case t.prev == nil:
+			t.prev = k
+		default:
+			k.wipe()
+		}
 	}
-	if len(usable) > 1 {
-		t.prev = usable[1]
+}
+
+// keepWith sets made, and hands it the keys held now: those restored, and
+// any made before the database was open.
+func (t *ticketKeys) keepWith(made func(cur, prev *ticketKey)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.made = made
+	if t.cur != nil {
+		made(t.cur, t.prev)
 	}
 }
 

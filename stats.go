@@ -8,6 +8,7 @@
 package main
 
 import (
+	"context"
 	"database/sql"
 	"fmt"
 	"io"
@@ -59,9 +60,9 @@ func (s *store) allCounters() map[string][]namedCounter {
 }
 
 // loadCounters continues the counts of a kept database.
-func (s *store) loadCounters() error {
+func (s *store) loadCounters(ctx context.Context) error {
 	all := s.allCounters()
-	rows, err := s.writer.Query("SELECT scope, name, value FROM counters")
+	rows, err := s.writer.QueryContext(ctx, "SELECT scope, name, value FROM counters")
 	if err != nil {
 		return err
 	}
@@ -82,7 +83,7 @@ func (s *store) loadCounters() error {
 		return err
 	}
 	var since int64
-	switch err := s.writer.QueryRow("SELECT since FROM counters_period").Scan(&since); err {
+	switch err := s.writer.QueryRowContext(ctx, "SELECT since FROM counters_period").Scan(&since); err {
 	case nil:
 		s.since = since
 	case sql.ErrNoRows:

@@ -52,7 +52,7 @@ func TestCountersFollowRequests(t *testing.T) {
 	}
 	var got [11]int64
 	var hitRatio float64
-	err := st.reader.QueryRow(`SELECT lookups, hits, misses, hit_ratio, expired, stores, replaced, deletes, evictions, store_failures,
+	err := asAdmin(t, st).QueryRow(`SELECT lookups, hits, misses, hit_ratio, expired, stores, replaced, deletes, evictions, store_failures,
 		(SELECT value FROM counters WHERE scope = 'smtpd' AND name = 'expired_at_lookup'),
 		(SELECT value FROM counters WHERE scope = 'smtpd' AND name = 'expired_by_sweep')
 		FROM cache_counters WHERE cache = 'smtpd'`).Scan(&got[0], &got[1], &got[2], &hitRatio, &got[3], &got[4], &got[5], &got[6], &got[7], &got[8], &got[9], &got[10])
@@ -65,7 +65,7 @@ func TestCountersFollowRequests(t *testing.T) {
 		t.Errorf("smtpd counters %v hit ratio %v, want %v 0.5", got, hitRatio, want)
 	}
 	service := map[string]int64{}
-	rows, _ := st.reader.Query("SELECT scope || '.' || name, value FROM statistics WHERE scope IN ('tktkey', 'seed')")
+	rows, _ := asAdmin(t, st).Query("SELECT scope || '.' || name, value FROM statistics WHERE scope IN ('tktkey', 'seed')")
 	for rows.Next() {
 		var n string
 		var v int64

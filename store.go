@@ -25,6 +25,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -81,6 +82,29 @@ func (s *store) offline() {
 	for _, c := range s.caches {
 		c.offline = true
 	}
+	s.doneOpening()
+}
+
+func (s *store) doneOpening() { s.openedOnce.Do(func() { close(s.opened) }) }
+
+// openWait is how long a cache request waits for a database that is still
+// being opened at start (usually some milliseconds): after it, a lookup
+// misses and an update is not stored, as for a cache that cannot write.
+const openWait = time.Second
+
+// usable says whether cache requests can be served, waiting up to
+// openWait while the database is being opened.
+func (s *store) usable() bool {
+	if s.ready.Load() {
+		return true
+	}
+	t := time.NewTimer(openWait)
+	defer t.Stop()
+	select {
+	case <-s.opened:
+	case <-t.C:
+	}
+	return s.ready.Load()
 }
 
 // configured is what main.cf asks for; enabled is what this process does.
@@ -123,6 +147,9 @@ type store struct {
 	sweepBatch  int
 	now         func() time.Time
 	closed      bool
+	ready       atomic.Bool   // open has succeeded
+	opened      chan struct{} // closed once open has finished, or will never run
+	openedOnce  sync.Once
 
 	// keepSessions and keepKeys are tlsmgr_keep_sessions and
 	// tlsmgr_keep_ticket_keys: with either, the database survives a
@@ -185,7 +212,7 @@ type storeOptions struct {
 func newStore(caches []cacheConfig, opts storeOptions) (*store, error) {
 	seen := map[string]string{}
 	s := &store{caches: map[string]*cache{}, sweepBatch: opts.sweepBatch, now: time.Now,
-		keepSessions: opts.keepSessions, keepKeys: opts.keepKeys}
+		keepSessions: opts.keepSessions, keepKeys: opts.keepKeys, opened: make(chan struct{})}
 	s.since = s.now().Unix()
 	for _, cc := range caches {
 		c := &cache{label: cc.label, database: cc.database, timeout: effectiveTimeout(cc.timeout),
@@ -306,20 +333,26 @@ func (s *store) closeFiles() {
 // be read, is emptied with one warning and started again: it may come
 // from anyone who had the postfix account. On error the caches are
 // offline.
-func (s *store) open() (err error) {
+func (s *store) open(ctx context.Context) (err error) {
+	defer s.doneOpening()
 	if s.files[0] == nil {
 		return nil
 	}
 	defer func() {
 		if err != nil {
-			s.close()
+			// Caching is off in this process; the lock stays ours.
+			s.closeDB(false)
+			for i, f := range s.files {
+				f.Close()
+				s.files[i] = nil
+			}
 			s.offline()
 		}
 	}()
 	s.pins = pinFiles(s.files[0], s.files[1], s.files[2])
 	name := s.pins.name
 	if s.kept {
-		if why := s.checkKept(name); why != "" {
+		if why := s.checkKept(ctx, name); why != "" {
 			msg.warn("session cache database %s %s; emptied it and started a new one", s.path, why)
 			s.kept = false
 			for _, f := range s.files {
@@ -340,11 +373,11 @@ func (s *store) open() (err error) {
 		// after a sweep stalls writers for seconds; freed pages are zeroed
 		// (secure_delete) and new sessions reuse them.
 		for _, pragma := range []string{"page_size = " + fmt.Sprint(pageSize), "journal_mode = MEMORY", "journal_mode = WAL"} {
-			if _, err := s.writer.Exec("PRAGMA " + pragma); err != nil {
+			if _, err := s.writer.ExecContext(ctx, "PRAGMA "+pragma); err != nil {
 				return fmt.Errorf("session cache database %s: PRAGMA %s: %v", s.path, pragma, err)
 			}
 		}
-		if _, err := s.writer.Exec(schemaSQL); err != nil {
+		if _, err := s.writer.ExecContext(ctx, schemaSQL); err != nil {
 			return fmt.Errorf("session cache database %s: create schema: %v", s.path, err)
 		}
 	}
@@ -358,7 +391,7 @@ func (s *store) open() (err error) {
 		db *sql.DB
 		n  int
 	}{{s.writer, 1}, {s.reader, readerConns + lookupConns}, {s.checkpointer, 1}} {
-		if err := s.warm(pool.db, pool.n); err != nil {
+		if err := s.warm(ctx, pool.db, pool.n); err != nil {
 			return err
 		}
 	}
@@ -374,7 +407,7 @@ func (s *store) open() (err error) {
 		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
 	if s.kept {
-		if err := s.continueKept(); err != nil {
+		if err := s.continueKept(ctx); err != nil {
 			return fmt.Errorf("session cache database %s: %v", s.path, err)
 		}
 	}
@@ -384,6 +417,7 @@ func (s *store) open() (err error) {
 	if err := s.startWriter(); err != nil {
 		return fmt.Errorf("session cache database %s: %v", s.path, err)
 	}
+	s.ready.Store(true)
 	return nil
 }
 
@@ -395,13 +429,13 @@ const keptCheckLimit = 10 * time.Second
 // (so it has no view, trigger or table of anyone else's to run), and it
 // must pass SQLite's quick_check. The check itself runs with the
 // untrusted-file settings, as the first statements on the file.
-func (s *store) checkKept(name string) string {
+func (s *store) checkKept(ctx context.Context, name string) string {
 	db, err := openPool(name, 1, false)
 	if err != nil {
 		return "cannot be opened (" + err.Error() + ")"
 	}
 	defer db.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), keptCheckLimit)
+	ctx, cancel := context.WithTimeout(ctx, keptCheckLimit)
 	defer cancel()
 	if why := schemaProblem(ctx, db); why != "" {
 		return why
@@ -497,28 +531,28 @@ var ourSchema = sync.OnceValues(func() (map[string]string, error) {
 // without WHERE empties a table at once, it does not go row by row). A
 // cache over a lowered limit is trimmed later, in sweep batches, while
 // clients are served (trimToLimits).
-func (s *store) continueKept() error {
+func (s *store) continueKept(ctx context.Context) error {
 	if !s.keepKeys {
-		if _, err := s.writer.Exec("DELETE FROM ticket_keys"); err != nil {
+		if _, err := s.writer.ExecContext(ctx, "DELETE FROM ticket_keys"); err != nil {
 			return err
 		}
 	}
 	for _, label := range cacheLabels {
 		c := s.caches[label]
 		if !s.keepSessions || !c.enabled() {
-			if _, err := s.writer.Exec("DELETE FROM " + label + "_cache"); err != nil {
+			if _, err := s.writer.ExecContext(ctx, "DELETE FROM "+label+"_cache"); err != nil {
 				return err
 			}
 			continue
 		}
 		var n, bytes int64
-		if err := s.writer.QueryRow("SELECT count(*), coalesce(sum(length(session)), 0) FROM "+label+"_cache").Scan(&n, &bytes); err != nil {
+		if err := s.writer.QueryRowContext(ctx, "SELECT count(*), coalesce(sum(length(session)), 0) FROM "+label+"_cache").Scan(&n, &bytes); err != nil {
 			return err
 		}
 		c.entries.Store(n)
 		c.bytes.Store(bytes)
 	}
-	return s.loadCounters()
+	return s.loadCounters(ctx)
 }
 
 // sqliteDriver opens every connection: openPool wraps it to set each
@@ -558,6 +592,15 @@ func (c sqliteConnector) Connect(ctx context.Context) (driver.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	auth, ok := conn.(sqlite.AuthorizerRegisterer)
+	if !ok {
+		conn.Close()
+		return nil, errors.New("the SQLite driver cannot install an authorizer")
+	}
+	if err := auth.RegisterAuthorizer(authorizeOurs); err != nil {
+		conn.Close()
+		return nil, err
+	}
 	for _, p := range c.pragmas {
 		if _, err := conn.(driver.ExecerContext).ExecContext(ctx, "PRAGMA "+p, nil); err != nil {
 			conn.Close()
@@ -569,11 +612,29 @@ func (c sqliteConnector) Connect(ctx context.Context) (driver.Conn, error) {
 
 func (c sqliteConnector) Driver() driver.Driver { return sqliteDriver }
 
+// authorizeOurs is every connection's authorizer. tlsmgr's own statements
+// use no view, trigger, recursive query or attached database; whoever has
+// the postfix account can add a trigger or a view to a database while it
+// is in use, so nothing a trigger or view does is let through: SQLite
+// then codes a trigger's statements as nothing at all, and reads a view's
+// columns as NULL (SQLITE_IGNORE). It is consulted when a statement is
+// prepared, not when it runs.
+func authorizeOurs(action sqlite.AuthorizerActionCode, _, _, _, triggerOrView string) sqlite.AuthorizerReturnCode {
+	switch {
+	case triggerOrView != "":
+		return sqlite.AuthorizerIgnore
+	case action == sqlite.AuthAttach, action == sqlite.AuthDetach, action == sqlite.AuthRecursive,
+		action == sqlite.AuthCreateVTable, action == sqlite.AuthDropVTable:
+		return sqlite.AuthorizerDeny
+	}
+	return sqlite.AuthorizerOK
+}
+
 // openPool opens a fixed-size pool of connections to name (a pinned name,
 // or a path for -stats), set up as untrusted, whose connections are never
 // closed. readOnly opens it for reading only.
 func openPool(name string, n int, readOnly bool) (*sql.DB, error) {
-	dsn := "file:" + name + "?_defensive=1"
+	dsn := "file:" + (&url.URL{Path: name}).EscapedPath() + "?_defensive=1" // a ? or # in a path is not a parameter
 	pragmas := append([]string(nil), untrustedPragmas...)
 	if readOnly {
 		dsn += "&mode=ro"
@@ -592,8 +653,7 @@ func openPool(name string, n int, readOnly bool) (*sql.DB, error) {
 // warm opens all n connections of a pool at once and reads through each, so
 // that each has the database, WAL and shared-memory files open before
 // chroot; they then stay in the pool for the life of the process.
-func (s *store) warm(db *sql.DB, n int) error {
-	ctx := context.Background()
+func (s *store) warm(ctx context.Context, db *sql.DB, n int) error {
 	conns := make([]*sql.Conn, 0, n)
 	defer func() {
 		for _, c := range conns {
@@ -697,24 +757,36 @@ func (s *store) close() {
 		return
 	}
 	s.closed = true
+	s.ready.Store(false)
+	s.closeDB(true)
+	s.closeFiles()
+}
+
+// closeDB closes every connection, after a checkpoint that empties the WAL
+// when checkpoint says so, and forgets the pinned names. It may run twice.
+func (s *store) closeDB(checkpoint bool) {
 	s.stopWriter()
 	s.closeWriteStmts()
 	s.closeLookups()
-	for _, db := range []*sql.DB{s.reader, s.checkpointer} {
-		if db != nil {
-			db.Close()
+	for _, db := range []**sql.DB{&s.reader, &s.checkpointer} {
+		if *db != nil {
+			(*db).Close()
+			*db = nil
 		}
 	}
 	if s.writer != nil {
-		if _, err := s.writer.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
-			msg.warn("session cache database %s: checkpoint at exit: %v", s.path, err)
+		if checkpoint {
+			if _, err := s.writer.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+				msg.warn("session cache database %s: checkpoint at exit: %v", s.path, err)
+			}
 		}
 		s.writer.Close()
+		s.writer = nil
 	}
 	if s.pins != nil {
 		s.pins.unpin()
+		s.pins = nil
 	}
-	s.closeFiles()
 }
 
 // ping is the watchdog's probe: the writer still takes writes.
@@ -819,6 +891,7 @@ func (s *store) update(c *cache, id string, session []byte) int {
 			tx.add(&c.count.stores, 1)
 			tx.add(&c.entries, 1)
 			tx.add(&c.bytes, int64(len(session)))
+			tx.inserted++
 		}
 		if s.hiddenCount.Load() > 0 {
 			tx.onCommit(func() { s.unhide(c, id) })
@@ -839,20 +912,23 @@ func (s *store) update(c *cache, id string, session []byte) int {
 }
 
 // enforceLimits evicts, in the writer's transaction, the oldest sessions
-// of a cache that is over its entry or byte limit: one batch (a twentieth
-// of the entry limit, at most tlsmgr_sweep_batch_size rows), so that the
-// next updates find room and no client's write waits for more than one
-// batch. A cache far over a lowered limit goes down a batch per update,
-// and in batches beside the clients (trimToLimits).
+// of a cache that is over its entry or byte limit: a batch (a twentieth
+// of the entry limit). However many updates a transaction carries, it
+// evicts at most one tlsmgr_sweep_batch_size more sessions than it added,
+// so that no client's write waits for more than one batch, while a full
+// cache stays within its limit under any load. A cache far over a lowered
+// limit goes down a batch per transaction, and in batches beside the
+// clients (trimToLimits).
 func (s *store) enforceLimits(tx *writeTx, c *cache) error {
 	param, limit, n := c.overLimit(s.sweepBatch)
-	if n == 0 {
+	if n = min(n, int64(s.sweepBatch)+tx.inserted-tx.evicted); n <= 0 {
 		return nil
 	}
 	evicted, err := s.deleteRows(tx, c, c.evictStmt, n)
 	if err != nil || evicted == 0 {
 		return err
 	}
+	tx.evicted += evicted
 	tx.add(&c.count.evictions, evicted)
 	tx.onCommit(func() {
 		msg.warnLimited("full "+c.label, "%s TLS cache is full: evicted the %d oldest sessions to stay within tlsmgr_%s_session_cache_%s_limit = %d; raise that limit to keep more",
@@ -1126,6 +1202,9 @@ func (k *keyKeeper) flush() {
 // database held by another process may stall nor, for long, for the lock:
 // the process is exiting. Nothing is written after it.
 func (k *keyKeeper) wipeAtExit() {
+	if lockSoon(&k.writeMu) {
+		defer k.writeMu.Unlock()
+	}
 	if lockSoon(&k.mu) {
 		defer k.mu.Unlock()
 	}
@@ -1140,12 +1219,13 @@ func wipeKeys(keys []ticketKey) {
 	}
 }
 
-// loadTicketKeys returns the kept keys, the current one first.
-func (s *store) loadTicketKeys() ([]ticketKey, error) {
-	if !s.keepKeys || !s.kept {
+// loadTicketKeys returns the kept keys, the current one first. The
+// driver's copies of the key bytes are wiped once copied.
+func (s *store) loadTicketKeys(ctx context.Context) ([]ticketKey, error) {
+	if !s.keepKeys || !s.kept || s.writer == nil {
 		return nil, nil
 	}
-	rows, err := s.writer.Query("SELECT name, cipher_key, hmac_key, tout FROM ticket_keys ORDER BY slot")
+	rows, err := s.writer.QueryContext(ctx, "SELECT name, cipher_key, hmac_key, tout FROM ticket_keys ORDER BY slot LIMIT 2")
 	if err != nil {
 		return nil, err
 	}
@@ -1163,6 +1243,9 @@ func (s *store) loadTicketKeys() ([]ticketKey, error) {
 			copy(k.hmac[:], hmac)
 			keys = append(keys, k)
 		}
+		clear(bits)
+		clear(hmac)
+		k.wipe()
 	}
 	return keys, rows.Err()
 }

@@ -5,9 +5,11 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -41,7 +43,7 @@ func TestReadableSessionColumns(t *testing.T) {
 	for _, tc := range decodeCases {
 		var protocol, cipher, sni, subject, fingerprint, notAfter *string
 		var ticket *bool
-		err := st.reader.QueryRow("SELECT protocol, cipher, sni, ticket, peer_subject, peer_fingerprint, peer_not_after FROM sessions WHERE id = ?", tc.file).
+		err := asAdmin(t, st).QueryRow("SELECT protocol, cipher, sni, ticket, peer_subject, peer_fingerprint, peer_not_after FROM sessions WHERE id = ?", tc.file).
 			Scan(&protocol, &cipher, &sni, &ticket, &subject, &fingerprint, &notAfter)
 		if err != nil {
 			t.Fatalf("%s: %v", tc.file, err)
@@ -59,7 +61,7 @@ func TestReadableSessionColumns(t *testing.T) {
 		}
 	}
 	var nulls int
-	st.reader.QueryRow("SELECT (protocol IS NULL) + (cipher IS NULL) + (ticket IS NULL) + (peer_subject IS NULL) FROM sessions WHERE id = 'opaque'").Scan(&nulls)
+	asAdmin(t, st).QueryRow("SELECT (protocol IS NULL) + (cipher IS NULL) + (ticket IS NULL) + (peer_subject IS NULL) FROM sessions WHERE id = 'opaque'").Scan(&nulls)
 	if nulls != 4 {
 		t.Errorf("an opaque blob got columns: %d NULLs of 4", nulls)
 	}
@@ -123,6 +125,46 @@ func TestEntryLimitEvictsOldest(t *testing.T) {
 	}
 }
 
+// A cache far over its entry limit (a lowered limit, kept sessions): one
+// transaction, however many clients' updates it carries, evicts at most
+// one sweep batch more than it adds, so that no client waits for more
+// than one batch; the cache then goes down, a transaction at a time.
+func TestEvictionPerTransaction(t *testing.T) {
+	caches := allCaches(3600)
+	st, err := openStore(filepath.Join(t.TempDir(), "tlsmgr.sqlite"), caches, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	smtp := st.caches["smtp"]
+	for i := range 1000 {
+		st.update(smtp, fmt.Sprintf("old%04d", i), []byte("x"))
+	}
+	smtp.entryLimit = 100 // as if lowered before a restart
+
+	release := make(chan struct{})
+	held := make(chan struct{})
+	go st.whileNoWrites(func() { close(held); <-release })
+	<-held
+	var wg sync.WaitGroup
+	for i := range maxWriteBatch {
+		wg.Add(1)
+		go func() { defer wg.Done(); st.update(smtp, fmt.Sprintf("new%02d", i), []byte("y")) }()
+	}
+	waitQueued(t, st, maxWriteBatch)
+	close(release)
+	wg.Wait()
+	if got, most := smtp.count.evictions.Load(), int64(maxWriteBatch+16); got > most {
+		t.Errorf("one transaction of %d updates evicted %d sessions, more than %d", maxWriteBatch, got, most)
+	}
+	for i := 0; smtp.entries.Load() > 100; i++ {
+		if i == 1000 {
+			t.Fatalf("still %d entries after 1,000 more updates", smtp.entries.Load())
+		}
+		st.update(smtp, fmt.Sprintf("more%04d", i), []byte("z"))
+	}
+}
+
 // The byte limit holds too, and replacing a session counts its new size.
 func TestSizeLimitEvictsOldest(t *testing.T) {
 	caches := allCaches(3600)
@@ -176,7 +218,7 @@ func TestKeptAcrossRestart(t *testing.T) {
 			if hits := st.caches["smtp"].count.hits.Load(); (hits == 2) != tc.keepSessions && (hits == 1) != !tc.keepSessions {
 				t.Errorf("hits after restart: %d", hits)
 			}
-			keys, err := st.loadTicketKeys()
+			keys, err := st.loadTicketKeys(context.Background())
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -28,10 +29,23 @@ func openStoreWith(path string, caches []cacheConfig, opts storeOptions) (*store
 	if err := s.openFiles(path, os.Geteuid(), 0); err != nil {
 		return nil, err
 	}
-	if err := s.open(); err != nil {
+	if err := s.open(context.Background()); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// asAdmin opens the store's database as an administrator's sqlite3 would,
+// by name, to read its views: tlsmgr's own connections refuse to run
+// anything a view or trigger defines.
+func asAdmin(t testing.TB, st *store) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+st.path+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
 }
 
 // damageKinds are what a crash, a disk fault, another program or an older

@@ -362,18 +362,18 @@ func TestViews(t *testing.T) {
 	}
 	var cache, id, stored, expires string
 	var size, age int
-	err := s.srv.store.reader.QueryRow("SELECT cache, id, size, stored, expires, age FROM sessions").Scan(&cache, &id, &size, &stored, &expires, &age)
+	err := asAdmin(t, s.srv.store).QueryRow("SELECT cache, id, size, stored, expires, age FROM sessions").Scan(&cache, &id, &size, &stored, &expires, &age)
 	if err != nil || cache != "smtpd" || id != "abc&s=x" || size != 14 || !strings.HasSuffix(stored, "Z") || age < 0 || age > 5 {
 		t.Errorf("sessions view: %v %s %s %d %s %s %d", err, cache, id, size, stored, expires, age)
 	}
-	rows, _ := s.srv.store.reader.Query("SELECT * FROM sessions")
+	rows, _ := asAdmin(t, s.srv.store).Query("SELECT * FROM sessions")
 	cols, _ := rows.Columns()
 	rows.Close()
 	if strings.Contains(strings.Join(cols, ","), "session") {
 		t.Errorf("the sessions view shows key material: %v", cols)
 	}
 	var entries, bytes int
-	s.srv.store.reader.QueryRow("SELECT entries, bytes FROM cache_stats WHERE cache = 'smtpd'").Scan(&entries, &bytes)
+	asAdmin(t, s.srv.store).QueryRow("SELECT entries, bytes FROM cache_stats WHERE cache = 'smtpd'").Scan(&entries, &bytes)
 	if entries != 1 || bytes != 14 {
 		t.Errorf("cache_stats: %d entries, %d bytes", entries, bytes)
 	}
@@ -550,6 +550,49 @@ func TestMalformedRequestsGetEmptyData(t *testing.T) {
 		}
 		if got := c.raw(tc.bad); got != tc.want {
 			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+// recordingStream feeds requests to serveConn and keeps every buffer the
+// server wrote, as it was passed, not a copy.
+type recordingStream struct {
+	in      *bytes.Reader
+	written [][]byte
+}
+
+func (r *recordingStream) Read(p []byte) (int, error) { return r.in.Read(p) }
+func (r *recordingStream) Write(p []byte) (int, error) {
+	r.written = append(r.written, p)
+	return len(p), nil
+}
+func (r *recordingStream) SetDeadline(time.Time) error { return nil }
+
+// A reply that carried a seed, a ticket key or a session is wiped once it
+// is sent: no copy of the secret stays in the connection's buffer.
+func TestRepliesWipedAfterSending(t *testing.T) {
+	s := startServer(t, allCaches(3600))
+	var in bytes.Buffer
+	for _, pairs := range [][]string{
+		{"request", "seed", "size", "255"},
+		{"request", "tktkey", "keyname", ""},
+		{"request", "update", "cache_type", "smtp", "cache_id", "id", "session", b64("a secret session")},
+		{"request", "lookup", "cache_type", "smtp", "cache_id", "id"},
+	} {
+		for _, p := range pairs {
+			in.WriteString(p)
+			in.WriteByte(0)
+		}
+		in.WriteByte(0)
+	}
+	rs := &recordingStream{in: bytes.NewReader(in.Bytes())}
+	s.srv.serveConn(rs, nil, false)
+	if len(rs.written) != 4 {
+		t.Fatalf("%d replies, want 4", len(rs.written))
+	}
+	for i, b := range rs.written {
+		if !bytes.Equal(b, make([]byte, len(b))) {
+			t.Errorf("reply %d is still in the buffer after it was sent: %q", i, b)
 		}
 	}
 }

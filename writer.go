@@ -80,6 +80,9 @@ type writeTx struct {
 	args    []driver.NamedValue
 	deltas  []counterDelta
 	commits []func()
+	// Sessions this transaction added, and evicted: it evicts no more
+	// than one sweep batch beyond what it added.
+	inserted, evicted int64
 }
 
 type counterDelta struct {
@@ -106,6 +109,7 @@ func (tx *writeTx) undo() {
 
 func (tx *writeTx) reset(conn driver.Conn) {
 	tx.conn = conn
+	tx.inserted, tx.evicted = 0, 0
 	clear(tx.deltas)
 	clear(tx.commits)
 	tx.deltas, tx.commits = tx.deltas[:0], tx.commits[:0]
