@@ -642,8 +642,10 @@ func b64hex(t *testing.T, h string) string {
 
 // Whoever has the postfix account adds triggers to the database while
 // tlsmgr runs: one that writes a marker row, one with a query that never
-// ends. tlsmgr's connections run nothing a trigger defines, so updates
-// are answered at once and the marker never appears.
+// ends, one that deletes every row. tlsmgr's connections run nothing a
+// trigger defines: a write that would fire one is refused ("not
+// authorized"), so every request is answered at once, the marker never
+// appears, and no session is deleted by the triggers.
 func TestTriggerAddedWhileRunning(t *testing.T) {
 	s := newStandalone(t)
 	s.start()
@@ -661,6 +663,7 @@ func TestTriggerAddedWhileRunning(t *testing.T) {
 		`CREATE TRIGGER endless AFTER UPDATE ON smtpd_cache BEGIN
 		   INSERT INTO marker WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT 'update ' || n FROM r; END`,
 		"CREATE TRIGGER deleted AFTER DELETE ON smtpd_cache BEGIN INSERT INTO marker VALUES ('delete'); END",
+		"CREATE TRIGGER wipe AFTER INSERT ON smtp_cache BEGIN DELETE FROM smtp_cache WHERE (SELECT 1) = 1; DELETE FROM ticket_keys; END",
 	} {
 		if _, err := h.Exec(q); err != nil {
 			t.Fatal(err)
@@ -669,15 +672,24 @@ func TestTriggerAddedWhileRunning(t *testing.T) {
 	for i, req := range [][]string{
 		{"request", "update", "cache_type", "smtpd", "cache_id", "new", "session", b64("y")},
 		{"request", "update", "cache_type", "smtpd", "cache_id", "before", "session", b64("z")},
-		{"request", "delete", "cache_type", "smtpd", "cache_id", "new"},
+		{"request", "delete", "cache_type", "smtpd", "cache_id", "before"},
+		{"request", "update", "cache_type", "smtp", "cache_id", "dest", "session", b64("w")},
+		{"request", "lookup", "cache_type", "smtpd", "cache_id", "before"},
+		{"request", "seed", "size", "32"},
 	} {
-		if reply, took := askTimed(t, c, 10*time.Second, req...); reply != "status=0" || took > time.Second {
+		if reply, took := askTimed(t, c, 10*time.Second, req...); took > time.Second || strings.HasPrefix(reply, "status=4294967294") {
 			t.Errorf("request %d after the triggers were planted: %q after %v", i, reply, took)
 		}
 	}
-	var n int
+	var n, before int
 	if err := h.QueryRow("SELECT count(*) FROM marker").Scan(&n); err != nil || n != 0 {
 		t.Errorf("a planted trigger ran: %d marker rows (%v)", n, err)
+	}
+	if h.QueryRow("SELECT count(*) FROM smtpd_cache WHERE id = 'before'").Scan(&before); before != 1 {
+		t.Error("the session stored before the triggers is gone")
+	}
+	if !strings.Contains(s.log.String(), "not authorized") {
+		t.Errorf("no warning that a write was refused:\n%s", s.log)
 	}
 }
 

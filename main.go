@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -624,8 +625,8 @@ type daemon struct {
 	source   *entropySource
 	exchange *exchangeFile // nil when tls_random_exchange_name is empty or unusable
 	srv      *server
-	keeper   *keyKeeper // writes the ticket keys to the database; nil unless kept
-	storeErr error      // why pre-init could not open the database files
+	keeper   atomic.Pointer[keyKeeper] // writes the ticket keys to the database; nil unless kept
+	storeErr error                     // why pre-init could not open the database files
 	// openStore runs beside serving; shutdown stops it and waits for it.
 	stopOpening context.CancelFunc
 	storeOpened chan struct{}
@@ -742,6 +743,7 @@ func (d *daemon) postJailInit() {
 	var ctx context.Context
 	ctx, d.stopOpening = context.WithCancel(context.Background())
 	d.storeOpened = make(chan struct{})
+	d.store.openBy = time.Now().Add(openWait)
 	go d.openStore(ctx)
 
 	d.reseedKernel() // then tls_random_source, beside serving: it may take up to sourceTimeout
@@ -774,16 +776,18 @@ func (d *daemon) openStore(ctx context.Context) {
 		return
 	}
 	keys := d.srv.keys
-	if kept, err := d.store.loadTicketKeys(ctx); err != nil {
+	kept, err := d.store.loadTicketKeys(ctx)
+	if err != nil {
 		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
 	} else if !keys.disabled() {
 		keys.restore(kept)
 	}
-	if d.store.keepKeys {
-		d.keeper = newKeyKeeper(d.store)
-		keys.keepWith(d.keeper.keep) // and keeps the pair it holds now
+	if d.store.keepKeys && err == nil { // never over kept keys that could not be read
+		keeper := newKeyKeeper(d.store)
+		d.keeper.Store(keeper)
+		keys.keepWith(keeper.keep) // and keeps the pair it holds now
 		d.sweepers.Add(1)
-		go d.keeper.run(d.stopSweep, d.sweepers.Done)
+		go keeper.run(d.stopSweep, d.sweepers.Done)
 	}
 	for _, label := range cacheLabels {
 		if c := d.store.caches[label]; c.enabled() {
@@ -877,8 +881,8 @@ func (d *daemon) shutdown(code int) {
 			}
 		}
 		d.saveExchange()
-		if d.keeper != nil {
-			d.keeper.flush() // the newest keys reach the database before they are wiped
+		if k := d.keeper.Load(); k != nil {
+			k.flush() // the newest keys reach the database before they are wiped
 		}
 		d.wipeAtExit()
 		close(d.stopSweep)
@@ -900,8 +904,8 @@ func (d *daemon) shutdown(code int) {
 func (d *daemon) wipeAtExit() {
 	d.pool.wipeAtExit()
 	d.srv.keys.wipeAtExit()
-	if d.keeper != nil {
-		d.keeper.wipeAtExit()
+	if k := d.keeper.Load(); k != nil {
+		k.wipeAtExit()
 	}
 }
 
@@ -980,6 +984,8 @@ func listenUnix(path string) (net.Listener, error) {
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("socket %s: another tlsmgr is already serving it", path)
+	} else if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		return nil, fmt.Errorf("socket %s: it exists and this user may not connect to it, so it may be in use; remove it if no tlsmgr serves it", path)
 	}
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
 		os.Remove(path)

@@ -62,11 +62,11 @@ const (
 
 // cache is one of smtpd, smtp, lmtp.
 type cache struct {
-	label    string // smtpd, smtp or lmtp: the cache_type on the wire
-	database string // *_tls_session_cache_database; non-empty enables the cache
-	timeout  int64  // effective timeout in seconds, 0 = disabled
-	logCache bool   // the "cache" bit of *_tls_loglevel
-	offline  bool   // the database could not be opened: no caching in this process
+	label    string      // smtpd, smtp or lmtp: the cache_type on the wire
+	database string      // *_tls_session_cache_database; non-empty enables the cache
+	timeout  int64       // effective timeout in seconds, 0 = disabled
+	logCache bool        // the "cache" bit of *_tls_loglevel
+	offline  atomic.Bool // the database could not be opened: no caching in this process
 
 	entryLimit, sizeLimit int64        // tlsmgr_<label>_session_cache_{entry,size}_limit; 0 = none
 	entries, bytes        atomic.Int64 // what the table holds now (bytes of session)
@@ -80,25 +80,30 @@ type cache struct {
 // be opened.
 func (s *store) offline() {
 	for _, c := range s.caches {
-		c.offline = true
+		c.offline.Store(true)
 	}
 	s.doneOpening()
 }
 
 func (s *store) doneOpening() { s.openedOnce.Do(func() { close(s.opened) }) }
 
-// openWait is how long a cache request waits for a database that is still
-// being opened at start (usually some milliseconds): after it, a lookup
-// misses and an update is not stored, as for a cache that cannot write.
+// openWait is how long cache requests wait at start for a database that
+// is still being opened (usually some milliseconds): from then on, until
+// it is open, a lookup misses at once and an update is not stored, as for
+// a cache that cannot write.
 const openWait = time.Second
 
-// usable says whether cache requests can be served, waiting up to
-// openWait while the database is being opened.
+// usable says whether cache requests can be served, waiting while the
+// database is being opened, until openBy at the latest.
 func (s *store) usable() bool {
 	if s.ready.Load() {
 		return true
 	}
-	t := time.NewTimer(openWait)
+	wait := time.Until(s.openBy)
+	if wait <= 0 {
+		return false
+	}
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-s.opened:
@@ -109,7 +114,7 @@ func (s *store) usable() bool {
 
 // configured is what main.cf asks for; enabled is what this process does.
 func (c *cache) configured() bool { return c.database != "" && c.timeout > 0 }
-func (c *cache) enabled() bool    { return c.configured() && !c.offline }
+func (c *cache) enabled() bool    { return c.configured() && !c.offline.Load() }
 
 // evictBatch is how many of the oldest sessions go at once when the cache
 // is full: a twentieth of the limit, so that a full cache is not trimmed
@@ -149,6 +154,7 @@ type store struct {
 	closed      bool
 	ready       atomic.Bool   // open has succeeded
 	opened      chan struct{} // closed once open has finished, or will never run
+	openBy      time.Time     // until when requests wait for open (openWait after the start)
 	openedOnce  sync.Once
 
 	// keepSessions and keepKeys are tlsmgr_keep_sessions and
@@ -353,6 +359,9 @@ func (s *store) open(ctx context.Context) (err error) {
 	name := s.pins.name
 	if s.kept {
 		if why := s.checkKept(ctx, name); why != "" {
+			if ctx.Err() != nil {
+				return fmt.Errorf("session cache database %s: not checked: the start was cut short (%v)", s.path, ctx.Err())
+			}
 			msg.warn("session cache database %s %s; emptied it and started a new one", s.path, why)
 			s.kept = false
 			for _, f := range s.files {
@@ -615,14 +624,15 @@ func (c sqliteConnector) Driver() driver.Driver { return sqliteDriver }
 // authorizeOurs is every connection's authorizer. tlsmgr's own statements
 // use no view, trigger, recursive query or attached database; whoever has
 // the postfix account can add a trigger or a view to a database while it
-// is in use, so nothing a trigger or view does is let through: SQLite
-// then codes a trigger's statements as nothing at all, and reads a view's
-// columns as NULL (SQLITE_IGNORE). It is consulted when a statement is
-// prepared, not when it runs.
+// is in use, so anything a trigger or view would do is refused
+// (SQLITE_DENY): a statement that would fire a planted trigger fails, with
+// "not authorized", and runs nothing. (SQLITE_IGNORE would not do: a
+// DELETE in a trigger still runs under it, with its conditions read as
+// NULL.) It is consulted when a statement is prepared, not when it runs.
 func authorizeOurs(action sqlite.AuthorizerActionCode, _, _, _, triggerOrView string) sqlite.AuthorizerReturnCode {
 	switch {
 	case triggerOrView != "":
-		return sqlite.AuthorizerIgnore
+		return sqlite.AuthorizerDeny
 	case action == sqlite.AuthAttach, action == sqlite.AuthDetach, action == sqlite.AuthRecursive,
 		action == sqlite.AuthCreateVTable, action == sqlite.AuthDropVTable:
 		return sqlite.AuthorizerDeny
@@ -791,7 +801,9 @@ func (s *store) closeDB(checkpoint bool) {
 
 // ping is the watchdog's probe: the writer still takes writes.
 func (s *store) ping() {
-	s.write(func(*writeTx) error { return nil })
+	if s.ready.Load() {
+		s.write(func(*writeTx) error { return nil })
+	}
 }
 
 // writeFailed reports a failed write at most once a minute: a full disk or

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -302,6 +303,34 @@ func TestTicketKeysClockSteps(t *testing.T) {
 	wall = wall.Add(2 * time.Hour) // stepped forward: the wall clock retires b at once
 	if c, made, _ := keys.issue(); !made || c.name == b.name {
 		t.Error("a key outlived its tout on the wall clock")
+	}
+}
+
+// A start cut short while it checks a kept database (postfix reload right
+// after a start) leaves the database as it was: an unfinished check is no
+// reason to empty it.
+func TestKeptDatabaseSurvivesCancelledStart(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "tlsmgr.sqlite")
+	st := keptStore(t, db, true, true, allCaches(3600))
+	fillStore(t, st, 20)
+	st.close()
+	st, err := newStore(allCaches(3600), storeOptions{sweepBatch: 500, keepSessions: true, keepKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.openFiles(db, os.Geteuid(), 0); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := st.open(ctx); err == nil {
+		t.Error("a start cut short opened the database")
+	}
+	st.close()
+	st = keptStore(t, db, true, true, allCaches(3600))
+	defer st.close()
+	if _, status := st.lookup(st.caches["smtp"], "id7"); status != statOK {
+		t.Errorf("a kept session is gone after a start was cut short: %d", status)
 	}
 }
 
