@@ -699,6 +699,10 @@ func preJailInit(cfg *config, owner *mailOwner, standalone bool) *daemon {
 		// The database first: a second tlsmgr must stop before it touches anything.
 		path := dataRedirect("table", cfg.mustStr("tlsmgr_database"), dataDir, redirectUID)
 		d.storeErr = d.store.openFiles(path, uid, lockWait)
+		var inUse *errDatabaseInUse
+		if standalone && errors.As(d.storeErr, &inUse) {
+			return nil // a second standalone tlsmgr stops, and touches nothing
+		}
 		if name := cfg.mustStr("tls_random_exchange_name"); name != "" {
 			name = dataRedirect("file", name, dataDir, redirectUID)
 			if d.exchange, err = openExchangeFile(name, uid, d.pool); err != nil {
