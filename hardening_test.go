@@ -618,6 +618,45 @@ func TestOutsideWriterAtStart(t *testing.T) {
 	}
 }
 
+// A kept key is found by the first request after a restart, even while
+// the database, large enough to take a while to check, is still being
+// opened beside serving: ticket-key requests wait for the kept keys (a
+// second at most). Otherwise a TLS 1.3 ticket from before postfix reload
+// would not resume.
+func TestKeptKeyFoundAtOnce(t *testing.T) {
+	s := newStandalone(t)
+	args := []string{"-o", "tlsmgr_keep_ticket_keys=yes", "-o", "tlsmgr_keep_sessions=yes"}
+	s.start(args...)
+	c, _ := s.dialWithin(10 * time.Second)
+	reply, _ := askTimed(t, c, 5*time.Second, "request", "tktkey", "keyname", "")
+	kept := keyName(t, reply)
+	s.stop()
+	db := filepath.Join(s.data, "tlsmgr.sqlite")
+	h, err := sql.Open("sqlite", db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.SetMaxOpenConns(1)
+	tx, _ := h.Begin()
+	now := time.Now().Unix()
+	for i := range 20000 {
+		id := fmt.Sprintf("kept-%d", i)
+		tx.Exec("INSERT INTO smtpd_cache (hash, id, session, stored, expires) VALUES (?, ?, ?, ?, ?)", rowKey(id), id, bytes.Repeat([]byte{1}, 600), now, now+3000)
+	}
+	tx.Commit()
+	h.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
+	h.Close()
+	s.give(db, db+"-wal", db+"-shm")
+	for i := range 3 {
+		s.start(args...)
+		c, _ = s.dialWithin(10 * time.Second)
+		if reply, took := askTimed(t, c, 5*time.Second, "request", "tktkey", "keyname", b64hex(t, kept)); keyName(t, reply) != kept {
+			t.Errorf("start %d: the first request, for the kept key, got %q after %v", i, reply, took)
+		}
+		s.stop()
+	}
+}
+
 // keyName is the hex name in a tktkey reply, or "".
 func keyName(t *testing.T, reply string) string {
 	t.Helper()

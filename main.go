@@ -626,7 +626,9 @@ type daemon struct {
 	exchange *exchangeFile // nil when tls_random_exchange_name is empty or unusable
 	srv      *server
 	keeper   atomic.Pointer[keyKeeper] // writes the ticket keys to the database; nil unless kept
-	storeErr error                     // why pre-init could not open the database files
+	// keysUnreadable: the kept keys could not be read; set by openStore.
+	keysUnreadable bool
+	storeErr       error // why pre-init could not open the database files
 	// openStore runs beside serving; shutdown stops it and waits for it.
 	stopOpening context.CancelFunc
 	storeOpened chan struct{}
@@ -748,6 +750,17 @@ func (d *daemon) postJailInit() {
 	ctx, d.stopOpening = context.WithCancel(context.Background())
 	d.storeOpened = make(chan struct{})
 	d.store.openBy = time.Now().Add(openWait)
+	if keys := d.srv.keys; d.store.keepKeys && d.store.files[0] != nil && !keys.disabled() {
+		keys.awaitRestore(d.store.openBy)
+		d.store.keptKeys = func(kept []ticketKey, err error) {
+			if err != nil {
+				msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
+				d.keysUnreadable = true
+			}
+			keys.restore(kept)
+			keys.restoreDone()
+		}
+	}
 	go d.openStore(ctx)
 
 	d.reseedKernel() // then tls_random_source, beside serving: it may take up to sourceTimeout
@@ -773,6 +786,7 @@ func (d *daemon) postJailInit() {
 func (d *daemon) openStore(ctx context.Context) {
 	defer logPanic()
 	defer close(d.storeOpened)
+	defer d.srv.keys.restoreDone() // whatever happens, no request waits for it any longer
 	if err := d.store.open(ctx); err != nil {
 		msg.warn("%v; session caching is off in this process", err)
 	}
@@ -780,13 +794,7 @@ func (d *daemon) openStore(ctx context.Context) {
 		return
 	}
 	keys := d.srv.keys
-	kept, err := d.store.loadTicketKeys(ctx)
-	if err != nil {
-		msg.warn("session cache database %s: cannot read the kept session ticket keys: %v; making new ones", d.store.path, err)
-	} else if !keys.disabled() {
-		keys.restore(kept)
-	}
-	if d.store.keepKeys && err == nil { // never over kept keys that could not be read
+	if d.store.keepKeys && !d.keysUnreadable { // never over kept keys that could not be read
 		keeper := newKeyKeeper(d.store)
 		d.keeper.Store(keeper)
 		keys.keepWith(keeper.keep) // and keeps the pair it holds now

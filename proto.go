@@ -661,6 +661,48 @@ type ticketKeys struct {
 	// that the keys can be kept (tlsmgr_keep_ticket_keys) in the order
 	// they were made. It must not block.
 	made func(cur, prev *ticketKey)
+
+	// With kept keys, requests wait for them, until restoreBy at the
+	// latest (a second after the start; it takes milliseconds): a ticket
+	// issued before a restart must find its key, and a key still issuing
+	// must not be replaced by a new one for want of it. nil: no wait.
+	restored     chan struct{}
+	restoredOnce sync.Once
+	restoreBy    time.Time
+}
+
+// awaitRestore makes requests wait for restore, until by; it is set up
+// before serving begins.
+func (t *ticketKeys) awaitRestore(by time.Time) {
+	t.restored, t.restoreBy = make(chan struct{}), by
+}
+
+// restoreDone releases the requests that wait for the kept keys.
+func (t *ticketKeys) restoreDone() {
+	if t.restored != nil {
+		t.restoredOnce.Do(func() { close(t.restored) })
+	}
+}
+
+func (t *ticketKeys) waitRestored() {
+	if t.restored == nil {
+		return
+	}
+	select {
+	case <-t.restored:
+		return
+	default:
+	}
+	wait := time.Until(t.restoreBy)
+	if wait <= 0 {
+		return
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-t.restored:
+	case <-timer.C:
+	}
 }
 
 func newTicketKeys(smtpdTimeout int64, rand io.Reader) *ticketKeys {
@@ -681,6 +723,7 @@ func (t *ticketKeys) disabled() bool { return t.half == 0 }
 // H - 1 seconds have passed on the monotonic clock. made says whether the
 // key is new.
 func (t *ticketKeys) issue() (key ticketKey, made bool, err error) {
+	t.waitRestored()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now, mono := t.now().Unix(), t.mono()
@@ -761,6 +804,7 @@ func (t *ticketKeys) keepWith(made func(cur, prev *ticketKey)) {
 // that is while tout + H > now, and for no longer than that on the
 // monotonic clock.
 func (t *ticketKeys) find(name []byte) (ticketKey, bool) {
+	t.waitRestored()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now, mono := t.now().Unix(), t.mono()

@@ -155,7 +155,14 @@ type store struct {
 	ready       atomic.Bool   // open has succeeded
 	opened      chan struct{} // closed once open has finished, or will never run
 	openBy      time.Time     // until when requests wait for open (openWait after the start)
-	openedOnce  sync.Once
+
+	// keptKeys, when set, learns the kept ticket keys as soon as the kept
+	// database has passed its check, before open goes on to write to it
+	// (which another process holding the database can delay), or that
+	// there are none: once, from open.
+	keptKeys     func(keys []ticketKey, err error)
+	keptKeysOnce sync.Once
+	openedOnce   sync.Once
 
 	// keepSessions and keepKeys are tlsmgr_keep_sessions and
 	// tlsmgr_keep_ticket_keys: with either, the database survives a
@@ -341,6 +348,7 @@ func (s *store) closeFiles() {
 // offline.
 func (s *store) open(ctx context.Context) (err error) {
 	defer s.doneOpening()
+	defer s.tellKeptKeys(nil, nil) // no kept database, or it was not usable
 	if s.files[0] == nil {
 		return nil
 	}
@@ -357,8 +365,14 @@ func (s *store) open(ctx context.Context) (err error) {
 	}()
 	s.pins = pinFiles(s.files[0], s.files[1], s.files[2])
 	name := s.pins.name
-	if s.kept {
-		if why := s.checkKept(ctx, name); why != "" {
+	if !s.kept {
+		s.tellKeptKeys(nil, nil)
+	} else {
+		why, keys, keysErr := s.checkKept(ctx, name)
+		if why == "" {
+			s.tellKeptKeys(keys, keysErr)
+		}
+		if why != "" {
 			if ctx.Err() != nil {
 				return fmt.Errorf("session cache database %s: not checked: the start was cut short (%v)", s.path, ctx.Err())
 			}
@@ -437,30 +451,44 @@ const keptCheckLimit = 10 * time.Second
 // WAL database of our schema version whose sqlite_schema is exactly ours
 // (so it has no view, trigger or table of anyone else's to run), and it
 // must pass SQLite's quick_check. The check itself runs with the
-// untrusted-file settings, as the first statements on the file.
-func (s *store) checkKept(ctx context.Context, name string) string {
+// untrusted-file settings, as the first statements on the file. When it
+// passes, it also reads the kept ticket keys, if they are kept: reading
+// waits for no other process.
+func (s *store) checkKept(ctx context.Context, name string) (why string, keys []ticketKey, keysErr error) {
 	db, err := openPool(name, 1, false)
 	if err != nil {
-		return "cannot be opened (" + err.Error() + ")"
+		return "cannot be opened (" + err.Error() + ")", nil, nil
 	}
 	defer db.Close()
 	ctx, cancel := context.WithTimeout(ctx, keptCheckLimit)
 	defer cancel()
 	if why := schemaProblem(ctx, db); why != "" {
-		return why
+		return why, nil, nil
 	}
 	var mode string
 	if err := db.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil || mode != "wal" {
-		return fmt.Sprintf("is not in WAL mode (%q, %v)", mode, err)
+		return fmt.Sprintf("is not in WAL mode (%q, %v)", mode, err), nil, nil
 	}
 	var check string
 	if err := db.QueryRowContext(ctx, "PRAGMA quick_check").Scan(&check); err != nil {
-		return "is damaged (" + err.Error() + ")"
+		return "is damaged (" + err.Error() + ")", nil, nil
 	}
 	if check != "ok" {
-		return "is damaged (quick_check: " + sanitize(check) + ")"
+		return "is damaged (quick_check: " + sanitize(check) + ")", nil, nil
 	}
-	return ""
+	if s.keepKeys {
+		keys, keysErr = readTicketKeys(ctx, db)
+	}
+	return "", keys, keysErr
+}
+
+// tellKeptKeys calls keptKeys, once.
+func (s *store) tellKeptKeys(keys []ticketKey, err error) {
+	s.keptKeysOnce.Do(func() {
+		if s.keptKeys != nil {
+			s.keptKeys(keys, err)
+		}
+	})
 }
 
 // schemaProblem says how a database's schema differs from schema.sql's, or
@@ -1231,13 +1259,18 @@ func wipeKeys(keys []ticketKey) {
 	}
 }
 
-// loadTicketKeys returns the kept keys, the current one first. The
-// driver's copies of the key bytes are wiped once copied.
+// loadTicketKeys returns the kept keys, the current one first.
 func (s *store) loadTicketKeys(ctx context.Context) ([]ticketKey, error) {
 	if !s.keepKeys || !s.kept || s.writer == nil {
 		return nil, nil
 	}
-	rows, err := s.writer.QueryContext(ctx, "SELECT name, cipher_key, hmac_key, tout FROM ticket_keys ORDER BY slot LIMIT 2")
+	return readTicketKeys(ctx, s.writer)
+}
+
+// readTicketKeys reads the kept keys from db, the current one first. The
+// driver's copies of the key bytes are wiped once copied.
+func readTicketKeys(ctx context.Context, db *sql.DB) ([]ticketKey, error) {
+	rows, err := db.QueryContext(ctx, "SELECT name, cipher_key, hmac_key, tout FROM ticket_keys ORDER BY slot LIMIT 2")
 	if err != nil {
 		return nil, err
 	}
