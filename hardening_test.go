@@ -193,6 +193,39 @@ func (s *standalone) holdDatabase() *sql.Conn {
 	return conn
 }
 
+// keepRows adds n unexpired 600-byte sessions, the oldest first, to the
+// smtpd cache of the stopped daemon's database, as a previous tlsmgr with
+// tlsmgr_keep_sessions would have left them, and returns its path.
+func (s *standalone) keepRows(n int) string {
+	s.t.Helper()
+	db := filepath.Join(s.data, "tlsmgr.sqlite")
+	h, err := sql.Open("sqlite", db)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	h.SetMaxOpenConns(1)
+	tx, err := h.Begin()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	session := bytes.Repeat([]byte{0x5a}, 600)
+	now := time.Now().Unix()
+	for i := range n {
+		id := fmt.Sprintf("kept-%d", i)
+		if _, err := tx.Exec("INSERT INTO smtpd_cache (hash, id, session, stored, expires) VALUES (?, ?, ?, ?, ?)",
+			rowKey(id), id, session, now-int64(n-i), now+3000); err != nil {
+			s.t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		s.t.Fatal(err)
+	}
+	h.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
+	h.Close()
+	s.give(db, db+"-wal", db+"-shm")
+	return db
+}
+
 // give makes files the mail_owner's, as if that user had written them.
 func (s *standalone) give(paths ...string) {
 	for _, p := range paths {
@@ -631,22 +664,7 @@ func TestKeptKeyFoundAtOnce(t *testing.T) {
 	reply, _ := askTimed(t, c, 5*time.Second, "request", "tktkey", "keyname", "")
 	kept := keyName(t, reply)
 	s.stop()
-	db := filepath.Join(s.data, "tlsmgr.sqlite")
-	h, err := sql.Open("sqlite", db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.SetMaxOpenConns(1)
-	tx, _ := h.Begin()
-	now := time.Now().Unix()
-	for i := range 20000 {
-		id := fmt.Sprintf("kept-%d", i)
-		tx.Exec("INSERT INTO smtpd_cache (hash, id, session, stored, expires) VALUES (?, ?, ?, ?, ?)", rowKey(id), id, bytes.Repeat([]byte{1}, 600), now, now+3000)
-	}
-	tx.Commit()
-	h.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
-	h.Close()
-	s.give(db, db+"-wal", db+"-shm")
+	s.keepRows(20000)
 	for i := range 3 {
 		s.start(args...)
 		c, _ = s.dialWithin(10 * time.Second)
@@ -796,28 +814,7 @@ func TestLoweredLimitOnKeptCache(t *testing.T) {
 	c, _ := s.dialWithin(10 * time.Second)
 	askTimed(t, c, 5*time.Second, "request", "update", "cache_type", "smtpd", "cache_id", "first", "session", b64("x"))
 	s.stop()
-	db := filepath.Join(s.data, "tlsmgr.sqlite")
-	h, err := sql.Open("sqlite", db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.SetMaxOpenConns(1)
-	tx, _ := h.Begin()
-	session := bytes.Repeat([]byte{0x5a}, 600)
-	now := time.Now().Unix()
-	for i := range 40000 {
-		id := fmt.Sprintf("kept-%d", i)
-		if _, err := tx.Exec("INSERT INTO smtpd_cache (hash, id, session, stored, expires) VALUES (?, ?, ?, ?, ?)",
-			rowKey(id), id, session, now-int64(40000-i), now+3000); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	h.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
-	h.Close()
-	s.give(db, db+"-wal", db+"-shm")
+	db := s.keepRows(40000)
 
 	// From the start to the first update that is stored (until the
 	// database is open, one is answered -1, not stored, within a second).

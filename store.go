@@ -1259,14 +1259,6 @@ func wipeKeys(keys []ticketKey) {
 	}
 }
 
-// loadTicketKeys returns the kept keys, the current one first.
-func (s *store) loadTicketKeys(ctx context.Context) ([]ticketKey, error) {
-	if !s.keepKeys || !s.kept || s.writer == nil {
-		return nil, nil
-	}
-	return readTicketKeys(ctx, s.writer)
-}
-
 // readTicketKeys reads the kept keys from db, the current one first. The
 // driver's copies of the key bytes are wiped once copied.
 func readTicketKeys(ctx context.Context, db *sql.DB) ([]ticketKey, error) {

@@ -219,7 +219,7 @@ func TestKeptAcrossRestart(t *testing.T) {
 			if hits := st.caches["smtp"].count.hits.Load(); (hits == 2) != tc.keepSessions && (hits == 1) != !tc.keepSessions {
 				t.Errorf("hits after restart: %d", hits)
 			}
-			keys, err := st.loadTicketKeys(context.Background())
+			keys, err := readTicketKeys(context.Background(), st.writer)
 			if err != nil {
 				t.Fatal(err)
 			}
