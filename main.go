@@ -797,7 +797,7 @@ func (d *daemon) openStore(ctx context.Context) {
 	if d.store.keepKeys && !d.keysUnreadable { // never over kept keys that could not be read
 		keeper := newKeyKeeper(d.store)
 		d.keeper.Store(keeper)
-		keys.keepWith(keeper.keep) // and keeps the pair it holds now
+		keys.setSource(keeper) // and keeps the pair it holds now
 		d.sweepers.Add(1)
 		go keeper.run(d.stopSweep, d.sweepers.Done)
 	}

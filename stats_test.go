@@ -38,7 +38,7 @@ func TestCountersFollowRequests(t *testing.T) {
 	} {
 		c.req(req...)
 	}
-	name := s.srv.keys.cur.name
+	name := s.srv.keys.current().name
 	c.req("request", "tktkey", "keyname", b64(string(name[:]))) // found
 
 	clock = clock.Add(3601 * time.Second)

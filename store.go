@@ -1189,15 +1189,14 @@ func newKeyKeeper(s *store) *keyKeeper {
 	return &keyKeeper{store: s, wake: make(chan struct{}, 1)}
 }
 
-// keep is ticketKeys.made: it runs under the key lock, so it only copies.
-func (k *keyKeeper) keep(cur, prev *ticketKey) {
+// made is the keySource's: it runs under the key lock, so it only copies
+// the pair (current first).
+func (k *keyKeeper) made(held []*ticketKey) {
 	k.mu.Lock()
 	wipeKeys(k.pending)
 	k.pending = k.pending[:0]
-	for _, key := range []*ticketKey{cur, prev} {
-		if key != nil {
-			k.pending = append(k.pending, *key)
-		}
+	for _, key := range held[:min(2, len(held))] {
+		k.pending = append(k.pending, *key)
 	}
 	k.mu.Unlock()
 	select {
