@@ -100,6 +100,12 @@ var params = map[string]paramSpec{
 	"tlsmgr_keep_ticket_keys": {kindBool, "no", 0, 0},
 	// A statistics line in the log this often; 0 = never.
 	"tlsmgr_statistics_log_period": {kindTime, "0s", 0, 0},
+	// The shared store (shared.go): empty = no sharing.
+	"tlsmgr_shared_database":         {kindString, "", 0, 0},
+	"tlsmgr_shared_realm":            {kindString, "default", 0, 0},
+	"tlsmgr_shared_caches":           {kindString, "smtpd", 0, 0},
+	"tlsmgr_shared_secret_file":      {kindString, "${config_directory}/tlsmgr_shared.key", 0, 0},
+	"tlsmgr_shared_database_timeout": {kindTime, "1s", 1, 60},
 }
 
 // defaultHostname is Postfix's myhostname default: the host name, with

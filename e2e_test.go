@@ -27,6 +27,7 @@ type postfixInstance struct {
 	dir, etc, spool, data, log   string
 	bin                          string // the tlsmgr under test
 	testPort, sinkPort, notkPort int
+	addr                         string // the loopback address it listens on
 }
 
 func requirePostfix(t *testing.T) {
@@ -66,13 +67,19 @@ func run(t *testing.T, timeout time.Duration, name string, args ...string) (stri
 }
 
 // newPostfix lays out an instance under a world-searchable temp dir.
-func newPostfix(t *testing.T) *postfixInstance {
+func newPostfix(t *testing.T) *postfixInstance { return newPostfixOn(t, "127.0.0.1", 0) }
+
+// newPostfixOn is newPostfix listening on addr only (inet_interfaces). With
+// a port, the test smtpd's master.cf service is that port alone, so that
+// instances on different addresses have one service name, as real hosts
+// behind one name do: Postfix puts it into the smtpd cache ID.
+func newPostfixOn(t *testing.T, addr string, port int) *postfixInstance {
 	dir, err := os.MkdirTemp("", "tlsmgr-e2e.")
 	if err != nil {
 		t.Fatal(err)
 	}
 	os.Chmod(dir, 0755) // mail_owner must reach data_directory and the sockets
-	p := &postfixInstance{t: t, dir: dir, etc: dir + "/etc", spool: dir + "/spool", data: dir + "/data",
+	p := &postfixInstance{t: t, addr: addr, dir: dir, etc: dir + "/etc", spool: dir + "/spool", data: dir + "/data",
 		log: dir + "/log/maillog", bin: tlsmgrBinary(t)}
 	t.Cleanup(func() {
 		if !t.Failed() || os.Getenv("TLSMGR_E2E_KEEP") == "" {
@@ -110,6 +117,10 @@ func newPostfix(t *testing.T) *postfixInstance {
 		t.Fatalf("openssl req: %v %s", err, out)
 	}
 	p.testPort, p.sinkPort, p.notkPort = freePort(t), freePort(t), freePort(t)
+	testService, interfaces := fmt.Sprintf("%s:%d", addr, p.testPort), "loopback-only"
+	if port != 0 {
+		p.testPort, testService, interfaces = port, fmt.Sprint(port), addr
+	}
 	dbType := "btree"
 	if out, _ := run(t, time.Minute, "postconf", "-m"); !strings.Contains(out, "btree") {
 		dbType = "lmdb"
@@ -125,11 +136,11 @@ mail_owner = postfix
 setgid_group = postdrop
 myhostname = e2e.localdomain
 mydestination = $myhostname, localhost
-inet_interfaces = loopback-only
+inet_interfaces = %[5]s
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 relay_domains = e2e.test
-transport_maps = inline:{ e2e.test=relay-test:[127.0.0.1]:%[2]d }
+transport_maps = inline:{ e2e.test=relay-test:[%[4]s]:%[2]d }
 default_transport = error:5.7.1 no outbound mail
 relay_transport = error:5.7.1 no outbound mail
 local_transport = discard:local
@@ -147,14 +158,14 @@ smtpd_tls_key_file = %[1]s/etc/key.pem
 smtpd_tls_session_cache_database = %[3]s:${data_directory}/smtpd_scache
 smtp_tls_security_level = may
 smtp_tls_session_cache_database = %[3]s:${data_directory}/smtp_scache
-`, dir, p.sinkPort, dbType))
+`, dir, p.sinkPort, dbType, addr, interfaces))
 	// Every smtpd and smtp process serves one connection (max_use=1), so a
 	// resumed session can only have come back through tlsmgr.
-	writeFile(t, p.etc, "master.cf", fmt.Sprintf(`127.0.0.1:%[1]d inet n - n - - smtpd
+	writeFile(t, p.etc, "master.cf", fmt.Sprintf(`%[5]s inet n - n - - smtpd
   -o syslog_name=e2e/test -o smtpd_tls_loglevel=2 -o max_use=1
-127.0.0.1:%[3]d inet n - n - - smtpd
+%[6]s:%[3]d inet n - n - - smtpd
   -o syslog_name=e2e/notkt -o smtpd_tls_loglevel=2 -o max_use=1 -o tls_ssl_options=NO_TICKET
-127.0.0.1:%[2]d inet n - n - - smtpd
+%[6]s:%[2]d inet n - n - - smtpd
   -o syslog_name=e2e/sink -o content_filter=discard:sink -o smtpd_tls_loglevel=2 -o max_use=1
   -o tls_server_sni_maps=hash:%[4]s/sni
 pickup    unix  n       -       n       60      1       pickup
@@ -182,7 +193,7 @@ local     unix  -       n       n       -       -       local
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.testPort, p.sinkPort, p.notkPort, p.etc))
+`, p.testPort, p.sinkPort, p.notkPort, p.etc, testService, addr))
 	// The sink acknowledges SNI e2e-sink.test (tls_server_sni_maps), so
 	// that the smtp client's session records the name.
 	key, _ := os.ReadFile(p.etc + "/key.pem")
@@ -272,7 +283,7 @@ func (p *postfixInstance) resume(port int, args ...string) (client, server strin
 func (p *postfixInstance) handshake(port int, args ...string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "openssl", append([]string{"s_client", "-connect", fmt.Sprintf("127.0.0.1:%d", port),
+	cmd := exec.CommandContext(ctx, "openssl", append([]string{"s_client", "-connect", fmt.Sprintf("%s:%d", p.addr, port),
 		"-starttls", "smtp", "-name", "e2e-client.localdomain", "-ign_eof"}, args...)...)
 	cmd.Stdin = strings.NewReader("EHLO e2e-client.localdomain\r\nQUIT\r\n")
 	out, _ := cmd.CombinedOutput()

@@ -626,6 +626,10 @@ type daemon struct {
 	exchange *exchangeFile // nil when tls_random_exchange_name is empty or unusable
 	srv      *server
 	keeper   atomic.Pointer[keyKeeper] // writes the ticket keys to the database; nil unless kept
+	// sharedCfg is the shared store's set-up from pre-init (nil: no
+	// sharing); shared is the running store, from post-init.
+	sharedCfg *sharedConfig
+	shared    *sharedStore
 	// keysUnreadable: the kept keys could not be read; set by openStore.
 	keysUnreadable bool
 	storeErr       error // why pre-init could not open the database files
@@ -664,6 +668,7 @@ func preJailInit(cfg *config, owner *mailOwner, standalone bool) *daemon {
 		msg.fatal("%v", err)
 	}
 	d.source = openEntropySource(cfg.mustStr("tls_random_source"), int(cfg.mustNum("tls_random_bytes")))
+	d.sharedCfg = prepareShared(cfg) // the secret and any file the connection string names, as root
 	var caches []cacheConfig
 	for _, label := range cacheLabels {
 		database := cfg.mustStr(label + "_tls_session_cache_database")
@@ -750,7 +755,8 @@ func (d *daemon) postJailInit() {
 	ctx, d.stopOpening = context.WithCancel(context.Background())
 	d.storeOpened = make(chan struct{})
 	d.store.openBy = time.Now().Add(openWait)
-	if keys := d.srv.keys; d.store.keepKeys && d.store.files[0] != nil && !keys.disabled() {
+	d.startShared()
+	if keys := d.srv.keys; d.store.keepKeys && d.shared == nil && d.store.files[0] != nil && !keys.disabled() {
 		keys.awaitRestore(d.store.openBy)
 		d.store.keptKeys = func(kept []ticketKey, err error) {
 			if err != nil {
@@ -779,6 +785,48 @@ func (d *daemon) postJailInit() {
 	}
 }
 
+// startShared connects the shared store, when there is one: the ticket
+// keys become a shared series, and the caches it names live there. Nothing
+// waits for the database: requests for keys wait for its first answer, a
+// second at most, as they wait for kept keys.
+func (d *daemon) startShared() {
+	sc := d.sharedCfg
+	if sc == nil {
+		return
+	}
+	d.sharedCfg = nil
+	keys := d.srv.keys
+	var sk *ticketKeys
+	if !keys.disabled() {
+		sk = keys
+	}
+	sh, err := newSharedStore(sc, sk)
+	if err != nil {
+		msg.warn("tlsmgr_shared_database: %s; sharing is off in this process", escapeText(err.Error()))
+		return
+	}
+	d.shared = sh
+	var sweep []*cache
+	for _, label := range sc.caches {
+		if c := d.store.caches[label]; c.configured() {
+			c.shared = sh
+			sweep = append(sweep, c)
+		} else {
+			msg.warn("tlsmgr_shared_caches names %s, but %s_tls_session_cache_database or _timeout turns that cache off; it is not shared", label, label)
+		}
+	}
+	if sk != nil {
+		if d.store.keepKeys {
+			msg.info("tlsmgr_keep_ticket_keys: the session ticket keys are kept in the shared database")
+		}
+		keys.slotted = true
+		keys.awaitRestore(time.Now().Add(min(openWait, sc.timeout)))
+		keys.setSource(sh)
+	}
+	sh.start(sweep)
+	msg.info("sharing session ticket keys%s with realm %s in %s", map[bool]string{true: " and the " + strings.Join(sc.caches, ", ") + " caches", false: ""}[len(sweep) > 0], sh.realm, sh.dsn)
+}
+
 // openStore is the part of post-init that reads the session database: it
 // checks and opens it (store.open), restores the kept ticket keys, and
 // starts the keeper, the sweeps and the statistics. It runs beside
@@ -786,7 +834,9 @@ func (d *daemon) postJailInit() {
 func (d *daemon) openStore(ctx context.Context) {
 	defer logPanic()
 	defer close(d.storeOpened)
-	defer d.srv.keys.restoreDone() // whatever happens, no request waits for it any longer
+	if d.shared == nil { // the shared store's refresher releases them
+		defer d.srv.keys.restoreDone() // whatever happens, no request waits for kept keys any longer
+	}
 	if err := d.store.open(ctx); err != nil {
 		msg.warn("%v; session caching is off in this process", err)
 	}
@@ -794,7 +844,7 @@ func (d *daemon) openStore(ctx context.Context) {
 		return
 	}
 	keys := d.srv.keys
-	if d.store.keepKeys && !d.keysUnreadable { // never over kept keys that could not be read
+	if d.store.keepKeys && d.shared == nil && !d.keysUnreadable { // never over kept keys that could not be read
 		keeper := newKeyKeeper(d.store)
 		d.keeper.Store(keeper)
 		keys.setSource(keeper) // and keeps the pair it holds now
@@ -802,7 +852,7 @@ func (d *daemon) openStore(ctx context.Context) {
 		go keeper.run(d.stopSweep, d.sweepers.Done)
 	}
 	for _, label := range cacheLabels {
-		if c := d.store.caches[label]; c.enabled() {
+		if c := d.store.caches[label]; c.enabled() && c.shared == nil {
 			d.sweepers.Add(2)
 			go d.store.trimToLimits(c, d.stopSweep, &d.sweepers) // a kept cache may be over a lowered limit
 			go d.store.runSweeper(c, d.stopSweep, &d.sweepers)
@@ -895,6 +945,9 @@ func (d *daemon) shutdown(code int) {
 		d.saveExchange()
 		if k := d.keeper.Load(); k != nil {
 			k.flush() // the newest keys reach the database before they are wiped
+		}
+		if d.shared != nil {
+			d.shared.close()
 		}
 		d.wipeAtExit()
 		close(d.stopSweep)

@@ -551,7 +551,7 @@ func (s *server) cacheOp(req *request, op func(*cache) int) int {
 	if !c.enabled() {
 		return statFail
 	}
-	if !s.store.usable() {
+	if c.shared == nil && !s.store.usable() {
 		return statErr // the database is still being opened: not found, not stored
 	}
 	return op(c)

@@ -62,11 +62,12 @@ const (
 
 // cache is one of smtpd, smtp, lmtp.
 type cache struct {
-	label    string      // smtpd, smtp or lmtp: the cache_type on the wire
-	database string      // *_tls_session_cache_database; non-empty enables the cache
-	timeout  int64       // effective timeout in seconds, 0 = disabled
-	logCache bool        // the "cache" bit of *_tls_loglevel
-	offline  atomic.Bool // the database could not be opened: no caching in this process
+	label    string       // smtpd, smtp or lmtp: the cache_type on the wire
+	database string       // *_tls_session_cache_database; non-empty enables the cache
+	timeout  int64        // effective timeout in seconds, 0 = disabled
+	logCache bool         // the "cache" bit of *_tls_loglevel
+	offline  atomic.Bool  // the database could not be opened: no caching in this process
+	shared   *sharedStore // tlsmgr_shared_caches names it: its sessions live there, not in SQLite
 
 	entryLimit, sizeLimit int64        // tlsmgr_<label>_session_cache_{entry,size}_limit; 0 = none
 	entries, bytes        atomic.Int64 // what the table holds now (bytes of session)
@@ -114,7 +115,7 @@ func (s *store) usable() bool {
 
 // configured is what main.cf asks for; enabled is what this process does.
 func (c *cache) configured() bool { return c.database != "" && c.timeout > 0 }
-func (c *cache) enabled() bool    { return c.configured() && !c.offline.Load() }
+func (c *cache) enabled() bool    { return c.configured() && (c.shared != nil || !c.offline.Load()) }
 
 // evictBatch is how many of the oldest sessions go at once when the cache
 // is full: a twentieth of the limit, so that a full cache is not trimmed
@@ -849,7 +850,13 @@ func (s *store) lookup(c *cache, id string) ([]byte, int) {
 		msg.info("lookup %s session id=%s", c.label, id)
 	}
 	c.count.lookups.Add(1)
-	session, status := s.find(c, id)
+	var session []byte
+	var status int
+	if c.shared != nil {
+		session, status = c.shared.find(c, id)
+	} else {
+		session, status = s.find(c, id)
+	}
 	if status == statOK {
 		c.count.hits.Add(1)
 	} else {
@@ -911,6 +918,9 @@ func (s *store) update(c *cache, id string, session []byte) int {
 	}
 	if session == nil {
 		session = []byte{} // NOT NULL: an empty session is still a session
+	}
+	if c.shared != nil {
+		return c.shared.update(c, id, session)
 	}
 	key := rowKey(id)
 	args := append([]any{key, id, session, now, now + c.timeout}, decodedValues(session)...)
@@ -1014,6 +1024,9 @@ func (s *store) trimToLimits(c *cache, stop <-chan struct{}, wg *sync.WaitGroup)
 func (s *store) remove(c *cache, id string) int {
 	if c.logCache {
 		msg.info("delete %s session id=%s", c.label, id)
+	}
+	if c.shared != nil {
+		return c.shared.remove(c, id)
 	}
 	if s.hiddenCount.Load() > 0 && s.isHidden(c, id) {
 		return statErr // already deleted, as far as clients can tell

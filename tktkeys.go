@@ -351,8 +351,9 @@ func (t *ticketKeys) adopt(keys []ticketKey) {
 // candidates are copies of the keys this host would have the database
 // hold for slots from..to: the key held for each (the database's, or one
 // of ours made while it was away), and, for a slot from issuing on (now
-// and ahead) that has none, a fresh one, which only becomes a key here if
-// the database takes it (adopt). The caller wipes them.
+// and ahead) that has none, a fresh one, held from now on as this host's
+// own: should a request need a key before the database has answered, it
+// gets the one being published. The caller wipes the copies.
 func (t *ticketKeys) candidates(from, to, issuing int64) ([]ticketKey, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -371,9 +372,10 @@ func (t *ticketKeys) candidates(from, to, issuing int64) ([]ticketKey, error) {
 			wipeKeys(out)
 			return nil, err
 		}
+		t.held = append(t.held, k)
 		out = append(out, *k)
-		k.wipe()
 	}
+	t.pruneSlotted(now, mono)
 	return out, nil
 }
 

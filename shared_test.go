@@ -1,0 +1,488 @@
+package main
+
+// The shared store against a real, private PostgreSQL (Debian's package):
+// initdb and pg_ctl run as an unprivileged user, on a loopback port and a
+// socket directory of the test's own. Outside CI the tests skip when
+// PostgreSQL is not installed; in CI they fail instead.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+type pgServer struct {
+	t                 *testing.T
+	dir, data, bindir string
+	user              string
+	port              int
+}
+
+// startPG initializes and starts a private PostgreSQL server.
+func startPG(t *testing.T) *pgServer {
+	t.Helper()
+	initdb, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
+	if len(initdb) == 0 {
+		skipOutsideCI(t, "the shared store: needs Debian's postgresql package (.ci/run installs it)")
+	}
+	p := &pgServer{t: t, bindir: filepath.Dir(initdb[len(initdb)-1]), port: freePort(t)}
+	dir, err := os.MkdirTemp("", "tlsmgr-pg.")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	p.dir, p.data = dir, dir+"/data"
+	if os.Geteuid() == 0 {
+		p.user = "postgres" // initdb refuses root
+		if _, err := exec.LookPath("runuser"); err != nil {
+			t.Fatal("needs runuser")
+		}
+		if out, err := exec.Command("chown", "postgres:", dir).CombinedOutput(); err != nil {
+			t.Fatalf("chown: %v %s", err, out)
+		}
+	}
+	t.Cleanup(func() {
+		p.pgctl("stop", "-m", "immediate")
+		os.RemoveAll(dir)
+	})
+	if out, err := p.as(p.bindir+"/initdb", "-D", p.data, "-A", "trust", "-U", "tlsmgr", "-E", "UTF8", "--no-sync"); err != nil {
+		t.Fatalf("initdb: %v\n%s", err, out)
+	}
+	p.start()
+	return p
+}
+
+func (p *pgServer) as(args ...string) (string, error) {
+	if p.user != "" {
+		args = append([]string{"runuser", "-u", p.user, "--"}, args...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
+	return string(out), err
+}
+
+func (p *pgServer) pgctl(args ...string) (string, error) {
+	return p.as(append([]string{p.bindir + "/pg_ctl", "-D", p.data, "-w", "-t", "30"}, args...)...)
+}
+
+func (p *pgServer) start() {
+	p.t.Helper()
+	opts := fmt.Sprintf("-c listen_addresses=127.0.0.1 -c port=%d -c unix_socket_directories=%s -c max_connections=300 -c fsync=off -c full_page_writes=off", p.port, p.dir)
+	if out, err := p.pgctl("-l", p.dir+"/log", "-o", opts, "start"); err != nil {
+		log, _ := os.ReadFile(p.dir + "/log")
+		p.t.Fatalf("pg_ctl start: %v\n%s\n%s", err, out, log)
+	}
+}
+
+func (p *pgServer) stop() {
+	p.t.Helper()
+	if out, err := p.pgctl("stop", "-m", "fast"); err != nil {
+		p.t.Fatalf("pg_ctl stop: %v\n%s", err, out)
+	}
+}
+
+func (p *pgServer) dsn() string {
+	return fmt.Sprintf("host=127.0.0.1 port=%d user=tlsmgr dbname=postgres sslmode=disable", p.port)
+}
+
+// sql runs statements as the database's superuser, for the tests' checks.
+func (p *pgServer) sql(query string, args ...any) [][]any {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, p.dsn())
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, query, args...)
+	if err != nil {
+		p.t.Fatalf("%s: %v", query, err)
+	}
+	var out [][]any
+	for rows.Next() {
+		v, err := rows.Values()
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		p.t.Fatalf("%s: %v", query, err)
+	}
+	return out
+}
+
+// fakeClock is a host's wall clock, off by skew, and its monotonic clock.
+type fakeClock struct {
+	mu   sync.Mutex
+	base time.Time
+	at   time.Duration
+	skew time.Duration
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.base.Add(c.at + c.skew)
+}
+
+func (c *fakeClock) mono() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.at
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.at += d
+	c.mu.Unlock()
+}
+
+var testSecret = bytes.Repeat([]byte{0x5a}, sharedSecretLen)
+
+// newTestShared is one host's shared store on p, with its own ticket keys
+// (smtpd timeout `timeout`) and smtpd cache; clock nil means the real one.
+func newTestShared(t *testing.T, p *pgServer, realm string, timeout int64, clock *fakeClock) (*sharedStore, *cache) {
+	t.Helper()
+	pc, err := sharedPoolConfig(p.dsn(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc.MaxConns = 2
+	sc := &sharedConfig{pool: pc, realm: realm, caches: []string{"smtpd"}, timeout: 2 * time.Second}
+	copy(sc.secret[:], testSecret)
+	keys := newTicketKeys(timeout, rand.Reader)
+	keys.slotted = true
+	if clock != nil {
+		keys.now, keys.mono = clock.now, clock.mono
+	}
+	sh, err := newSharedStore(sc, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if clock != nil {
+		sh.now = clock.now
+	}
+	keys.setSource(sh)
+	t.Cleanup(sh.close)
+	c := &cache{label: "smtpd", database: "btree:x", timeout: effectiveTimeout(timeout), shared: sh}
+	return sh, c
+}
+
+func mustRefresh(t *testing.T, sh *sharedStore) {
+	t.Helper()
+	if err := sh.refreshKeys(); err != nil {
+		t.Fatalf("refresh: %v", err)
+	}
+}
+
+// Fifty hosts start at once and race for one slot: every one of them
+// issues with the same key, and the database holds one row per slot.
+func TestSharedKeysFiftyRacers(t *testing.T) {
+	p := startPG(t)
+	clock := &fakeClock{base: time.Unix(1_800_000_000, 0)}
+	var hosts []*sharedStore
+	for range 50 {
+		sh, _ := newTestShared(t, p, "race", 3600, clock)
+		hosts = append(hosts, sh)
+	}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	errs := make(chan error, len(hosts))
+	for _, sh := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			errs <- sh.refreshKeys()
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("refresh: %v", err)
+		}
+	}
+	names := map[[16]byte]int{}
+	for _, sh := range hosts {
+		k, _, err := sh.keys.issue()
+		if err != nil {
+			t.Fatal(err)
+		}
+		names[k.name]++
+	}
+	if len(names) != 1 {
+		t.Fatalf("50 racers issue with %d different keys, want 1", len(names))
+	}
+	rows := p.sql("SELECT slot, count(*) FROM ticket_keys WHERE realm = 'race' GROUP BY slot ORDER BY slot")
+	if len(rows) != 2 { // this slot and the next, published ahead
+		t.Fatalf("rows by slot: %v, want slots k and k+1 with one key each", rows)
+	}
+	for _, r := range rows {
+		if r[1].(int64) != 1 {
+			t.Errorf("slot %v has %v keys", r[0], r[1])
+		}
+	}
+}
+
+// Two hosts whose clocks are 60 s ahead and 60 s behind walk through
+// several slots, refreshing as the refresher does: every ticket one
+// issues, the other decrypts for as long as the rules (tout + H > now, on
+// its own clock) allow, and they issue with the same key but at slot
+// edges.
+func TestSharedKeysClockSkew(t *testing.T) {
+	p := startPG(t)
+	for _, timeout := range []int64{3600, 240} {
+		t.Run(fmt.Sprint("timeout ", timeout), func(t *testing.T) {
+			base := time.Unix(1_800_000_000, 0)
+			ca := &fakeClock{base: base, skew: 60 * time.Second}
+			cb := &fakeClock{base: base, skew: -60 * time.Second}
+			realm := fmt.Sprint("skew", timeout)
+			a, _ := newTestShared(t, p, realm, timeout, ca)
+			b, _ := newTestShared(t, p, realm, timeout, cb)
+			half := timeout / 2
+			type ticket struct {
+				name [16]byte
+				tout int64
+				from *sharedStore
+			}
+			var issued []ticket
+			step := a.refreshEvery()
+			checked, differing := 0, 0
+			// The hosts have run for one H when the checks begin: at a
+			// start, a slot the other host published a moment ago is
+			// read at the next refresh.
+			warmUp := time.Duration(half) * time.Second
+			ca.advance(-warmUp)
+			cb.advance(-warmUp)
+			for elapsed := -warmUp; elapsed < time.Duration(5*half)*time.Second; elapsed += step {
+				mustRefresh(t, a)
+				mustRefresh(t, b)
+				if elapsed < 0 {
+					ca.advance(step)
+					cb.advance(step)
+					continue
+				}
+				ka, _, _ := a.keys.issue()
+				kb, _, _ := b.keys.issue()
+				if ka.name != kb.name {
+					differing++
+				}
+				issued = append(issued, ticket{ka.name, ka.tout, a}, ticket{kb.name, kb.tout, b})
+				for _, tk := range issued {
+					other := map[*sharedStore]*sharedStore{a: b, b: a}[tk.from]
+					if tk.tout+half <= other.now().Unix() {
+						continue // past the rules on the other host's clock
+					}
+					checked++
+					if _, ok := other.keys.find(tk.name[:]); !ok {
+						t.Fatalf("at +%v a ticket key %x (tout %d) is not found on the other host (now %d)", elapsed, tk.name[:4], tk.tout, other.now().Unix())
+					}
+				}
+				ca.advance(step)
+				cb.advance(step)
+			}
+			if checked == 0 {
+				t.Fatal("nothing checked")
+			}
+			// 120 s apart, the hosts use different slots for 120 s of each H.
+			if max := int(2*time.Duration(120)*time.Second/step) + 2; differing > max*5/2 {
+				t.Errorf("the hosts issued with different keys %d times", differing)
+			}
+			t.Logf("%d checks, different current keys %d times", checked, differing)
+		})
+	}
+}
+
+// A restored, empty database (tables dropped, or emptied): the hosts make
+// the tables again, publish the keys they issue with, so that a host that
+// starts now gets the same key, and the cache works again without a
+// fault.
+func TestSharedRestoredEmptyDatabase(t *testing.T) {
+	p := startPG(t)
+	a, ca := newTestShared(t, p, "restore", 3600, nil)
+	mustRefresh(t, a)
+	before, _, _ := a.keys.issue()
+	if st := a.update(ca, "id1", []byte("session one")); st != statOK {
+		t.Fatalf("update: %d", st)
+	}
+	for _, wipe := range []string{"TRUNCATE ticket_keys, smtpd_cache", "DROP TABLE ticket_keys, smtpd_cache, smtp_cache, lmtp_cache CASCADE"} {
+		p.sql(wipe)
+		if _, st := a.find(ca, "id1"); st != statErr {
+			t.Fatalf("after %s: lookup %d, want a miss", wipe, st)
+		}
+		mustRefresh(t, a)
+		if a.down.Load() {
+			t.Fatalf("after %s: the store counts the database as down", wipe)
+		}
+		b, _ := newTestShared(t, p, "restore", 3600, nil)
+		mustRefresh(t, b)
+		kb, _, _ := b.keys.issue()
+		if kb.name != before.name {
+			t.Fatalf("after %s: a new host issues with %x, the old one with %x", wipe, kb.name[:4], before.name[:4])
+		}
+		if st := a.update(ca, "id2", []byte("session two")); st != statOK {
+			t.Fatalf("after %s: update %d", wipe, st)
+		}
+		if s, st := a.find(ca, "id2"); st != statOK || string(s) != "session two" {
+			t.Fatalf("after %s: lookup %d %q", wipe, st, s)
+		}
+	}
+}
+
+// Nothing in the database is in the clear: not a key, not a session, not
+// any 8 bytes of either; and a sealed value moved to another row, realm or
+// expiry does not open.
+func TestSharedRowsSealed(t *testing.T) {
+	p := startPG(t)
+	a, ca := newTestShared(t, p, "sealed", 3600, nil)
+	mustRefresh(t, a)
+	var secrets [][]byte
+	a.keys.mu.Lock()
+	for _, k := range a.keys.held {
+		secrets = append(secrets, append(append(append([]byte{}, k.name[:]...), k.bits[:]...), k.hmac[:]...))
+	}
+	a.keys.mu.Unlock()
+	session := make([]byte, 2000)
+	rand.Read(session)
+	secrets = append(secrets, session)
+	if st := a.update(ca, "sealed-id", session); st != statOK {
+		t.Fatalf("update: %d", st)
+	}
+	var dump bytes.Buffer
+	for _, q := range []string{"SELECT t::text FROM ticket_keys t", "SELECT t::text FROM smtpd_cache t", "SELECT t::text FROM sessions t", "SELECT t::text FROM ticket_key_names t"} {
+		for _, r := range p.sql(q) {
+			dump.WriteString(r[0].(string))
+		}
+	}
+	text := strings.ToLower(dump.String())
+	if !strings.Contains(text, "sealed-id") {
+		t.Fatal("the dump does not hold the row")
+	}
+	for _, s := range secrets {
+		for i := 0; i+8 <= len(s); i += 4 {
+			if strings.Contains(text, hex.EncodeToString(s[i:i+8])) || bytes.Contains(dump.Bytes(), s[i:i+8]) {
+				t.Fatalf("8 secret bytes at offset %d are in the database in the clear", i)
+			}
+		}
+	}
+	// Moved rows do not open.
+	p.sql("UPDATE smtpd_cache SET expires = expires + 3600 WHERE id = 'sealed-id'")
+	if _, st := a.find(ca, "sealed-id"); st != statErr {
+		t.Fatal("a session whose expiry was changed by hand still opens")
+	}
+	b, cb := newTestShared(t, p, "other", 3600, nil)
+	p.sql("INSERT INTO smtpd_cache SELECT 'other', hash, id, session, stored, expires FROM smtpd_cache WHERE id = 'sealed-id'")
+	p.sql("UPDATE smtpd_cache SET expires = expires - 3600 WHERE id = 'sealed-id'")
+	if _, st := b.find(cb, "sealed-id"); st != statErr {
+		t.Fatal("a session copied to another realm opens there")
+	}
+	if s, st := a.find(ca, "sealed-id"); st != statOK || !bytes.Equal(s, session) {
+		t.Fatal("the session does not open in its own row")
+	}
+}
+
+// The database goes away: seeds and keys never wait for it, lookups miss
+// and updates are "not cached" within the timeout, and once it has failed
+// a few times, at once; warnings are few. When it returns, the key this
+// host made meanwhile is published, and a second host converges on it.
+func TestSharedDatabaseDown(t *testing.T) {
+	p := startPG(t)
+	logged := captureLog(t)
+	a, ca := newTestShared(t, p, "down", 3600, nil)
+	mustRefresh(t, a)
+	before, _, _ := a.keys.issue()
+	p.stop()
+	// A slot without a key: the database's keys are gone from memory.
+	a.keys.wipe()
+	startAt := time.Now()
+	k, made, err := a.keys.issue()
+	if err != nil || !made || time.Since(startAt) > 50*time.Millisecond {
+		t.Fatalf("tktkey with the database down: made %v, err %v, took %v", made, err, time.Since(startAt))
+	}
+	var slowest time.Duration
+	for i := range 200 {
+		t0 := time.Now()
+		if _, st := a.find(ca, fmt.Sprint("id", i)); st != statErr {
+			t.Fatal("a lookup hit with the database down")
+		}
+		if st := a.update(ca, fmt.Sprint("id", i), []byte("x")); st != statErr {
+			t.Fatal("an update was stored with the database down")
+		}
+		slowest = max(slowest, time.Since(t0))
+		if i >= sharedTripAfter && time.Since(t0) > 10*time.Millisecond {
+			t.Fatalf("request %d waited %v after %d failures", i, time.Since(t0), sharedTripAfter)
+		}
+	}
+	if slowest > 2*a.timeout+time.Second {
+		t.Errorf("a request waited %v, the timeout is %v", slowest, a.timeout)
+	}
+	if n := strings.Count(logged(), "warning: shared database"); n < 1 || n > 3 {
+		t.Errorf("%d warnings for 400 failed requests:\n%s", n, logged())
+	}
+	// A second host starts while the database is down: it makes its own
+	// key. So does a host of a realm whose slot has no key in the database.
+	b, _ := newTestShared(t, p, "down", 3600, nil)
+	c, _ := newTestShared(t, p, "down-new", 3600, nil)
+	for _, sh := range []*sharedStore{b, c} {
+		if err := sh.refreshKeys(); err == nil {
+			t.Fatal("refresh succeeded with the database down")
+		}
+		sh.tripped()
+	}
+	kb, _, _ := b.keys.issue()
+	kc, _, _ := c.keys.issue()
+	if kb.name == k.name {
+		t.Fatal("two hosts made the same key alone")
+	}
+	p.start()
+	deadline := time.Now().Add(3 * sharedRetryEvery)
+	for (a.down.Load() || b.down.Load() || c.down.Load()) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if a.down.Load() || b.down.Load() || c.down.Load() {
+		t.Fatal("the stores did not notice the database's return")
+	}
+	// One refresh period later (the refresher's run), every host of realm
+	// "down" issues with the key the database held for the slot before it
+	// went away, and the keys made alone still decrypt on their hosts.
+	mustRefresh(t, a)
+	mustRefresh(t, b)
+	k2, _, _ := a.keys.issue()
+	kb2, _, _ := b.keys.issue()
+	if k2.name != kb2.name || k2.name != before.name {
+		t.Fatalf("after the return: hosts issue with %x and %x, the database's key is %x", k2.name[:4], kb2.name[:4], before.name[:4])
+	}
+	if _, ok := a.keys.find(k.name[:]); !ok {
+		t.Error("host A forgot the key it made while the database was down")
+	}
+	if _, ok := b.keys.find(kb.name[:]); !ok {
+		t.Error("host B forgot the key it made while the database was down")
+	}
+	// The slot that had no key gets the one host C made alone, and a host
+	// that starts now issues with it.
+	mustRefresh(t, c)
+	d, _ := newTestShared(t, p, "down-new", 3600, nil)
+	mustRefresh(t, d)
+	if kd, _, _ := d.keys.issue(); kd.name != kc.name {
+		t.Fatalf("a new host issues with %x, not with %x, which host C made while the database was down", kd.name[:4], kc.name[:4])
+	}
+	if st := a.update(ca, "back", []byte("again")); st != statOK {
+		t.Fatal("no update after the return")
+	}
+}
