@@ -30,7 +30,7 @@ DEB        := $(NAME)_$(VERSION)-1_$(DEB_ARCH).deb
 # -trimpath and no VCS stamp: two builds of one commit are byte-identical.
 BUILDFLAGS := -trimpath -buildvcs=false \
 	-ldflags "-s -w -buildid= -X main.version=$(VERSION) -X main.commit=$(COMMIT)"
-SOURCES    := $(wildcard *.go) schema.sql go.mod go.sum
+SOURCES    := $(wildcard *.go) schema.sql schema_shared.sql go.mod go.sum
 
 .PHONY: all build check install uninstall deb lint vendor clean daemon-dir
 
@@ -48,11 +48,11 @@ install: build
 	install -d $(DESTDIR)$(DAEMON_DIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(DOCDIR)
 	install -m 0755 tlsmgr $(DESTDIR)$(DAEMON_DIR)/$(NAME)
 	install -m 0644 tlsmgr.8 $(DESTDIR)$(MANDIR)/$(NAME).8
-	install -m 0644 README.md tlsmgr.toml.example $(DESTDIR)$(DOCDIR)/
+	install -m 0644 README.md tlsmgr.toml.example schema_shared.sql $(DESTDIR)$(DOCDIR)/
 
 uninstall:
 	rm -f $(DESTDIR)$(DAEMON_DIR)/$(NAME) $(DESTDIR)$(MANDIR)/$(NAME).8
-	rm -f $(DESTDIR)$(DOCDIR)/README.md $(DESTDIR)$(DOCDIR)/tlsmgr.toml.example
+	rm -f $(DESTDIR)$(DOCDIR)/README.md $(DESTDIR)$(DOCDIR)/tlsmgr.toml.example $(DESTDIR)$(DOCDIR)/schema_shared.sql
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 lint:

@@ -108,6 +108,15 @@ func TestEndToEndSharedStore(t *testing.T) {
 		if len(rows) == 0 {
 			t.Fatal("no shared session in the sessions view")
 		}
+		for _, q := range []string{
+			"SELECT realm, cache, left(id, 24) AS id, size, stored, protocol, cipher, ticket FROM sessions ORDER BY stored, id LIMIT 4",
+			"SELECT * FROM cache_stats", "SELECT realm, period, slot, issues_from, issues_until FROM ticket_key_names ORDER BY realm, slot",
+		} {
+			t.Logf("psql: %s", q)
+			for _, r := range pg.sql(q) {
+				t.Logf("  %v", r)
+			}
+		}
 		keys := pg.sql("SELECT realm, slot FROM ticket_key_names")
 		realms := map[string]bool{}
 		for _, r := range keys {

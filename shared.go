@@ -66,6 +66,7 @@ const (
 	sharedSweepBatch = 1000              // expired rows deleted per statement
 	sharedMaxConns   = 8
 	sharedClockSkew  = 5 * time.Second // warn past this difference with the database's clock
+	schemaRetry      = 5 * time.Second // tables that could not be made: the next attempt waits this long
 	sealVersion      = 1
 	sealOverhead     = 1 + 16 + 16 // version, salt, GCM tag
 )
@@ -229,7 +230,13 @@ type sharedStore struct {
 	wake     chan struct{} // the refresher: publish a key this host made
 	stop     chan struct{}
 	wg       sync.WaitGroup
-	schemaMu sync.Mutex
+	schemaMu    sync.Mutex
+	schemaTried time.Time // the last attempt that failed: the next waits schemaRetry
+	// ready is closed once the refresher's first round is over: until
+	// then, and startBy at the latest, cache requests wait for it.
+	ready     chan struct{}
+	readyOnce sync.Once
+	startBy   time.Time
 	dsn      string // what warnings call the database: host, port, database
 }
 
@@ -237,7 +244,8 @@ type sharedStore struct {
 // wipes the secret there. keys may be nil (smtpd timeout 0: no keys).
 func newSharedStore(sc *sharedConfig, keys *ticketKeys) (*sharedStore, error) {
 	sh := &sharedStore{realm: sc.realm, timeout: sc.timeout, keys: keys, caches: map[string]bool{},
-		now: time.Now, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		now: time.Now, wake: make(chan struct{}, 1), stop: make(chan struct{}), ready: make(chan struct{}),
+		startBy: time.Now().Add(min(openWait, sc.timeout))}
 	for _, c := range sc.caches {
 		sh.caches[c] = true
 	}
@@ -256,14 +264,11 @@ func newSharedStore(sc *sharedConfig, keys *ticketKeys) (*sharedStore, error) {
 	return sh, nil
 }
 
-// start runs the key refresher and the sweeps of the shared caches.
+// start runs the refresher (the tables, and the ticket keys when there
+// are any) and the sweeps of the shared caches.
 func (sh *sharedStore) start(sweep []*cache) {
-	if sh.keys != nil {
-		sh.wg.Add(1)
-		go sh.runRefresher()
-	} else {
-		go func() { defer logPanic(); sh.ensureSchema(context.Background()) }()
-	}
+	sh.wg.Add(1)
+	go sh.runRefresher()
 	for _, c := range sweep {
 		sh.wg.Add(1)
 		go sh.runSweeper(c)
@@ -407,6 +412,9 @@ func (sh *sharedStore) tripped() {
 			err := sh.pool.Ping(ctx)
 			cancel()
 			if err == nil {
+				sh.schemaMu.Lock()
+				sh.schemaTried = time.Time{} // back: look at the tables at once
+				sh.schemaMu.Unlock()
 				sh.failures.Store(0)
 				sh.down.Store(false)
 				msg.info("shared database %s: connected; sharing session ticket keys and caches again", sh.dsn)
@@ -426,7 +434,7 @@ const sharedCountRelations = `SELECT count(*)::int FROM pg_catalog.pg_class
 // ensureSchema makes the tables and views when one is missing, once per
 // connection to a database that lacks them. A role that may not create
 // them gets one warning: the README gives the schema to run by hand.
-func (sh *sharedStore) ensureSchema(ctx context.Context) bool {
+func (sh *sharedStore) ensureSchema() bool {
 	if sh.schemaOK.Load() {
 		return true
 	}
@@ -435,6 +443,17 @@ func (sh *sharedStore) ensureSchema(ctx context.Context) bool {
 	if sh.schemaOK.Load() {
 		return true
 	}
+	if time.Since(sh.schemaTried) < schemaRetry {
+		return false
+	}
+	ok := sh.makeSchema()
+	if !ok {
+		sh.schemaTried = time.Now()
+	}
+	return ok
+}
+
+func (sh *sharedStore) makeSchema() bool {
 	var have int
 	err := sh.do("look for its tables", true, func(ctx context.Context) error {
 		return sh.pool.QueryRow(ctx, sharedCountRelations, sharedRelations).Scan(&have)
@@ -472,21 +491,61 @@ func (sh *sharedStore) ensureSchema(ctx context.Context) bool {
 	return true
 }
 
+// usable says whether a cache request may go to the database: its tables
+// are there. A request never makes them (that is the refresher's, which it
+// wakes): it waits at most for the refresher's first round at start, no
+// longer than the start-up wait of the keys.
+func (sh *sharedStore) usable() bool {
+	if sh.schemaOK.Load() {
+		return true
+	}
+	select {
+	case <-sh.ready:
+	default:
+		if wait := time.Until(sh.startBy); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-sh.ready:
+			case <-t.C:
+			}
+			t.Stop()
+		}
+	}
+	if sh.schemaOK.Load() {
+		return true
+	}
+	sh.made(nil) // the refresher looks at the tables now
+	return false
+}
+
 // refreshEvery is the refresher's period: a quarter of H, between 5 s and
 // a minute. Once the database is back every host holds its keys within it.
 func (sh *sharedStore) refreshEvery() time.Duration {
+	if sh.keys == nil {
+		return time.Minute
+	}
 	return min(time.Minute, max(5*time.Second, time.Duration(sh.keys.half)*time.Second/4))
 }
 
+// runRefresher makes the tables when they are missing, and keeps the
+// ticket keys, every refreshEvery and whenever it is woken.
 func (sh *sharedStore) runRefresher() {
 	defer logPanic()
 	defer sh.wg.Done()
 	first := true
 	for {
-		err := sh.refreshKeys()
+		var err error
+		if sh.keys != nil {
+			err = sh.refreshKeys()
+		} else if !sh.down.Load() && !sh.ensureSchema() {
+			err = errors.New("no tables")
+		}
 		if first {
 			first = false
-			sh.keys.restoreDone() // requests no longer wait for the database's keys
+			sh.readyOnce.Do(func() { close(sh.ready) })
+			if sh.keys != nil {
+				sh.keys.restoreDone() // requests no longer wait for the database's keys
+			}
 			if err != nil {
 				sh.tripped() // a host that starts while the database is away does not make requests wait for it
 			}
@@ -511,7 +570,7 @@ func (sh *sharedStore) refreshKeys() error {
 	if sh.down.Load() {
 		return errSharedDown
 	}
-	if !sh.ensureSchema(context.Background()) {
+	if !sh.ensureSchema() {
 		return errors.New("no tables")
 	}
 	keys := sh.keys
@@ -525,7 +584,7 @@ func (sh *sharedStore) refreshKeys() error {
 	defer wipeKeys(cands)
 	for try := 0; ; try++ {
 		err = sh.publishKeys(cands, period, slot)
-		if !missingTable(err) || try > 0 || !sh.ensureSchema(context.Background()) {
+		if !missingTable(err) || try > 0 || !sh.ensureSchema() {
 			break
 		}
 	}
@@ -615,7 +674,7 @@ func usableID(id string) bool { return utf8.ValidString(id) && len(id) <= 4096 }
 
 // find is the shared cache's lookup.
 func (sh *sharedStore) find(c *cache, id string) ([]byte, int) {
-	if !usableID(id) || !sh.ensureSchema(context.Background()) {
+	if !usableID(id) || !sh.usable() {
 		return nil, statErr
 	}
 	var sealed []byte
@@ -648,7 +707,7 @@ func (sh *sharedStore) find(c *cache, id string) ([]byte, int) {
 // update is the shared cache's update. It counts a new entry or a
 // replaced one, as the local cache does.
 func (sh *sharedStore) update(c *cache, id string, session []byte) int {
-	if !usableID(id) || len(session) > maxAttrLen || !sh.ensureSchema(context.Background()) {
+	if !usableID(id) || len(session) > maxAttrLen || !sh.usable() {
 		c.count.storeFailures.Add(1)
 		return statErr
 	}
@@ -702,7 +761,7 @@ func sharedUpsert(label string) string {
 
 // remove is the shared cache's delete.
 func (sh *sharedStore) remove(c *cache, id string) int {
-	if !usableID(id) || !sh.ensureSchema(context.Background()) {
+	if !usableID(id) || !sh.usable() {
 		return statErr
 	}
 	var tag pgconn.CommandTag

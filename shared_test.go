@@ -177,6 +177,7 @@ func newTestShared(t *testing.T, p *pgServer, realm string, timeout int64, clock
 		sh.now = clock.now
 	}
 	keys.setSource(sh)
+	sh.readyOnce.Do(func() { close(sh.ready) }) // the tests refresh by hand
 	t.Cleanup(sh.close)
 	c := &cache{label: "smtpd", database: "btree:x", timeout: effectiveTimeout(timeout), shared: sh}
 	return sh, c
@@ -485,4 +486,78 @@ func TestSharedDatabaseDown(t *testing.T) {
 	if st := a.update(ca, "back", []byte("again")); st != statOK {
 		t.Fatal("no update after the return")
 	}
+}
+
+// A host whose clock is 60 s off the database's is warned about once; one
+// 2 s off is not. Hosts with different cache timeouts do not share a series.
+func TestSharedClockWarningAndSeries(t *testing.T) {
+	p := startPG(t)
+	logged := captureLog(t)
+	near, _ := newTestShared(t, p, "clock", 3600, &fakeClock{base: time.Now(), skew: 2 * time.Second})
+	mustRefresh(t, near)
+	if strings.Contains(logged(), "clock differs") {
+		t.Fatalf("a warning for 2 s:\n%s", logged())
+	}
+	off, _ := newTestShared(t, p, "clock", 3600, &fakeClock{base: time.Now(), skew: 60 * time.Second})
+	mustRefresh(t, off)
+	mustRefresh(t, off)
+	if n := strings.Count(logged(), "clock differs from the shared database's by 1m0s"); n != 1 {
+		t.Fatalf("%d warnings for a clock 60 s ahead, want 1:\n%s", n, logged())
+	}
+	other, _ := newTestShared(t, p, "clock", 7200, nil)
+	mustRefresh(t, other)
+	kn, _, _ := near.keys.issue()
+	ko, _, _ := other.keys.issue()
+	if kn.name == ko.name {
+		t.Fatal("hosts with timeouts of 1 h and 2 h issue with one key")
+	}
+	if _, ok := other.keys.find(kn.name[:]); ok {
+		t.Fatal("a host with another timeout decrypts the series' tickets")
+	}
+}
+
+// A slow database (a table locked by another session): no request waits
+// longer than the timeout, and ticket keys do not wait at all.
+func TestSharedSlowDatabase(t *testing.T) {
+	p := startPG(t)
+	a, ca := newTestShared(t, p, "slow", 3600, nil)
+	mustRefresh(t, a)
+	a.update(ca, "x", []byte("session"))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, p.dsn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "LOCK TABLE smtpd_cache, ticket_keys IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { // the refresher meets the lock too
+		defer close(done)
+		a.refreshKeys()
+	}()
+	for i := range 6 {
+		t0 := time.Now()
+		if _, st := a.find(ca, "x"); st != statErr {
+			t.Fatal("a lookup through a locked table hit")
+		}
+		if took := time.Since(t0); took > a.timeout+500*time.Millisecond {
+			t.Fatalf("lookup %d waited %v, the timeout is %v", i, took, a.timeout)
+		}
+		t0 = time.Now()
+		if _, _, err := a.keys.issue(); err != nil || time.Since(t0) > 50*time.Millisecond {
+			t.Fatalf("tktkey: %v after %v", err, time.Since(t0))
+		}
+	}
+	if !a.down.Load() {
+		t.Error("repeated timeouts did not stop requests from waiting")
+	}
+	tx.Rollback(ctx)
+	<-done
 }
