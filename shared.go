@@ -40,7 +40,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,10 +63,10 @@ var sharedSchemaSQL string
 
 const (
 	sharedSecretLen  = 32
-	sharedMaxMessage = maxAttrLen + 4096 // the largest row we read: one sealed session
-	sharedTripAfter  = 3                 // failures in a row before requests stop waiting
-	sharedRetryEvery = 2 * time.Second   // while down, how often a background ping tries
-	sharedSweepBatch = 1000              // expired rows deleted per statement
+	sharedMaxMessage = 2*(maxAttrLen+sealOverhead) + 64<<10 // the largest row we read: a sealed session, as hex text too, and its id
+	sharedTripAfter  = 3                                    // failures in a row before requests stop waiting
+	sharedRetryEvery = 2 * time.Second                      // while down, how often a background ping tries
+	sharedSweepBatch = 1000                                 // expired rows deleted per statement
 	sharedMaxConns   = 8
 	sharedClockSkew  = 5 * time.Second // warn past this difference with the database's clock
 	schemaRetry      = 5 * time.Second // tables that could not be made: the next attempt waits this long
@@ -105,10 +108,21 @@ func prepareShared(cfg *config) *sharedConfig {
 	secretFile := cfg.mustStr("tlsmgr_shared_secret_file")
 	sc := &sharedConfig{realm: realm, caches: caches,
 		timeout: time.Duration(cfg.mustNum("tlsmgr_shared_database_timeout")) * time.Second}
-	pc, err := sharedPoolConfig(conn, sc.timeout)
+	// pgx takes defaults from PG* variables and from files under $HOME:
+	// none of them is checked, so as root the parse sees none of them.
+	// The files the string names are checked like the secret.
+	var pc *pgxpool.Config
+	withoutPGEnvironment(func() { pc, err = sharedPoolConfig(conn, sc.timeout) })
 	if err != nil {
 		msg.fatal("%v", err)
 	}
+	for _, f := range connFiles(conn) {
+		if err := checkRootPath(f); err != nil {
+			msg.warn("tlsmgr_shared_database: %v; sharing stays off", err)
+			return nil
+		}
+	}
+	warnUnverified(&pc.ConnConfig.Config)
 	sc.pool = pc
 	if err := readSecret(secretFile, sc.secret[:]); err != nil {
 		msg.warn("tlsmgr_shared_secret_file: %v; sharing stays off. Make one as root with: "+
@@ -150,6 +164,122 @@ func sharedPoolConfig(conn string, timeout time.Duration) (*pgxpool.Config, erro
 		return f
 	}
 	return pc, nil
+}
+
+// withoutPGEnvironment runs f with no PG* variable and no HOME.
+func withoutPGEnvironment(f func()) {
+	saved := map[string]string{}
+	for _, kv := range os.Environ() {
+		name, value, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, "PG") || name == "HOME" {
+			saved[name] = value
+			os.Unsetenv(name)
+		}
+	}
+	defer func() {
+		for name, value := range saved {
+			os.Setenv(name, value)
+		}
+	}()
+	f()
+}
+
+// connFileParams are the connection string's parameters that name files
+// pgx reads.
+var connFileParams = map[string]bool{"passfile": true, "sslrootcert": true, "sslcert": true, "sslkey": true, "servicefile": true}
+
+// connFiles lists the files a connection string names (URI or key=value).
+func connFiles(conn string) []string {
+	var files []string
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := url.Parse(conn)
+		if err != nil {
+			return nil // sharedPoolConfig has said so
+		}
+		for name, values := range u.Query() {
+			if connFileParams[name] {
+				files = append(files, values...)
+			}
+		}
+		return files
+	}
+	// key = value pairs, a value quoted with ' and \ escaping, as libpq's.
+	for rest := strings.TrimSpace(conn); rest != ""; rest = strings.TrimSpace(rest) {
+		eq := strings.IndexByte(rest, '=')
+		if eq < 0 {
+			break
+		}
+		name := strings.TrimSpace(rest[:eq])
+		rest = strings.TrimLeft(rest[eq+1:], " \t\n")
+		var value strings.Builder
+		quoted := strings.HasPrefix(rest, "'")
+		if quoted {
+			rest = rest[1:]
+		}
+		i := 0
+		for ; i < len(rest); i++ {
+			c := rest[i]
+			if c == '\\' && i+1 < len(rest) {
+				i++
+				value.WriteByte(rest[i])
+				continue
+			}
+			if (quoted && c == '\'') || (!quoted && (c == ' ' || c == '\t' || c == '\n')) {
+				i++
+				break
+			}
+			value.WriteByte(c)
+		}
+		rest = rest[i:]
+		if connFileParams[name] {
+			files = append(files, value.String())
+		}
+	}
+	return files
+}
+
+// checkRootPath: a file pgx reads as root must be root's (or ours, when we
+// are not root), and so must every directory on its way, none of them
+// writable by anyone else; not a link.
+func checkRootPath(path string) error {
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("%s: give files as absolute paths", path)
+	}
+	uid := uint32(os.Geteuid())
+	for p := filepath.Clean(path); ; p = filepath.Dir(p) {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(p, &st); err != nil {
+			return fmt.Errorf("%s: %v", path, err)
+		}
+		switch {
+		case st.Mode&syscall.S_IFMT == syscall.S_IFLNK:
+			return fmt.Errorf("%s: %s is a symbolic link", path, p)
+		case st.Uid != 0 && st.Uid != uid:
+			return fmt.Errorf("%s: %s belongs to uid %d, not root", path, p, st.Uid)
+		case st.Mode&0o022 != 0 && !(st.Mode&syscall.S_IFMT == syscall.S_IFDIR && st.Mode&syscall.S_ISVTX != 0 && p != filepath.Clean(path)):
+			return fmt.Errorf("%s: others may write %s (mode %04o)", path, p, st.Mode&0o7777)
+		}
+		if p == "/" {
+			return nil
+		}
+	}
+}
+
+// warnUnverified says once, at start, when the database's identity is not
+// checked on a connection that leaves the host. The keys and sessions are
+// sealed either way; what is exposed is which IDs are cached, and the
+// rows can be withheld or replayed.
+func warnUnverified(cc *pgconn.Config) {
+	if strings.HasPrefix(cc.Host, "/") {
+		return
+	}
+	if ip := net.ParseIP(cc.Host); ip != nil && ip.IsLoopback() || cc.Host == "localhost" {
+		return
+	}
+	if cc.TLSConfig == nil || cc.TLSConfig.InsecureSkipVerify {
+		msg.warn("tlsmgr_shared_database: the connection to %s is not verified (set sslmode=verify-full and sslrootcert): "+
+			"keys and sessions are sealed, but a machine in between sees which sessions are cached and can withhold rows", escapeText(cc.Host))
+	}
 }
 
 // sharedCacheList parses tlsmgr_shared_caches.
@@ -225,11 +355,19 @@ type sharedStore struct {
 
 	failures atomic.Int32
 	down     atomic.Bool
-	retrying atomic.Bool
-	schemaOK atomic.Bool
-	wake     chan struct{} // the refresher: publish a key this host made
-	stop     chan struct{}
-	wg       sync.WaitGroup
+	// stateMu guards retrying and closed: a retry starts only while none
+	// runs and we are not exiting, and it ends (down false) under it.
+	stateMu  sync.Mutex
+	retrying bool
+	closed   bool
+	// keyMu: seal and open hold it for reading; close wipes sealKey under
+	// it, so nothing is ever sealed under a wiped (known) key.
+	keyMu       sync.RWMutex
+	lastConnect time.Time // when "connected" was last logged
+	schemaOK    atomic.Bool
+	wake        chan struct{} // the refresher: publish a key this host made
+	stop        chan struct{}
+	wg          sync.WaitGroup
 	schemaMu    sync.Mutex
 	schemaTried time.Time // the last attempt that failed: the next waits schemaRetry
 	// ready is closed once the refresher's first round is over: until
@@ -237,7 +375,7 @@ type sharedStore struct {
 	ready     chan struct{}
 	readyOnce sync.Once
 	startBy   time.Time
-	dsn      string // what warnings call the database: host, port, database
+	dsn       string // what warnings call the database: host, port, database
 }
 
 // newSharedStore makes the running store from what pre-init prepared, and
@@ -277,6 +415,13 @@ func (sh *sharedStore) start(sweep []*cache) {
 
 // close stops the background work and the connections, and wipes the key.
 func (sh *sharedStore) close() {
+	sh.stateMu.Lock()
+	if sh.closed {
+		sh.stateMu.Unlock()
+		return
+	}
+	sh.closed = true
+	sh.stateMu.Unlock()
 	close(sh.stop)
 	done := make(chan struct{})
 	go func() { sh.wg.Wait(); close(done) }()
@@ -285,7 +430,10 @@ func (sh *sharedStore) close() {
 	case <-time.After(sh.timeout + time.Second):
 	}
 	sh.pool.Close()
+	sh.keyMu.Lock()
 	clear(sh.sealKey[:])
+	sh.down.Store(true) // nothing uses the database any more
+	sh.keyMu.Unlock()
 }
 
 // made is the keySource's: a key this host made goes to the database as
@@ -319,18 +467,28 @@ func (sh *sharedStore) aead(salt []byte) cipher.AEAD {
 
 var zeroNonce [12]byte
 
-func (sh *sharedStore) seal(plain, ad []byte) []byte {
+func (sh *sharedStore) seal(plain, ad []byte) ([]byte, error) {
+	sh.keyMu.RLock()
+	defer sh.keyMu.RUnlock()
+	if sh.sealKey == [32]byte{} {
+		return nil, errSharedDown // wiped: we are exiting
+	}
 	out := make([]byte, 1+16, sealOverhead+len(plain))
 	out[0] = sealVersion
 	if _, err := rand.Read(out[1:17]); err != nil {
 		panic(err) // crypto/rand does not fail on Linux
 	}
-	return sh.aead(out[1:17]).Seal(out, zeroNonce[:], plain, ad)
+	return sh.aead(out[1:17]).Seal(out, zeroNonce[:], plain, ad), nil
 }
 
 func (sh *sharedStore) open(sealed, ad []byte) ([]byte, error) {
 	if len(sealed) < sealOverhead || sealed[0] != sealVersion {
 		return nil, errors.New("not a sealed value of this version")
+	}
+	sh.keyMu.RLock()
+	defer sh.keyMu.RUnlock()
+	if sh.sealKey == [32]byte{} {
+		return nil, errSharedDown
 	}
 	return sh.aead(sealed[1:17]).Open(nil, zeroNonce[:], sealed[17:], ad)
 }
@@ -393,43 +551,65 @@ func missingTable(err error) bool {
 // tripped: no request waits for the database until a background ping gets
 // through.
 func (sh *sharedStore) tripped() {
+	sh.stateMu.Lock()
+	defer sh.stateMu.Unlock()
 	sh.down.Store(true)
-	if !sh.retrying.CompareAndSwap(false, true) {
+	if sh.retrying || sh.closed {
 		return
 	}
+	sh.retrying = true
 	sh.wg.Add(1)
 	go func() {
 		defer logPanic()
 		defer sh.wg.Done()
-		defer sh.retrying.Store(false)
 		for {
 			select {
 			case <-sh.stop:
 				return
 			case <-time.After(sharedRetryEvery):
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), sh.timeout)
-			err := sh.pool.Ping(ctx)
-			cancel()
-			if err == nil {
-				sh.schemaMu.Lock()
-				sh.schemaTried = time.Time{} // back: look at the tables at once
-				sh.schemaMu.Unlock()
-				sh.failures.Store(0)
-				sh.down.Store(false)
-				msg.info("shared database %s: connected; sharing session ticket keys and caches again", sh.dsn)
-				sh.made(nil) // the refresher publishes what this host made meanwhile
-				return
+			if sh.writable() {
+				break
 			}
 		}
+		sh.schemaMu.Lock()
+		sh.schemaTried = time.Time{} // back: look at the tables at once
+		sh.schemaMu.Unlock()
+		sh.stateMu.Lock()
+		sh.failures.Store(0)
+		sh.retrying = false
+		sh.down.Store(false)
+		sh.stateMu.Unlock()
+		if time.Since(sh.lastConnect) > warnInterval {
+			sh.lastConnect = time.Now()
+			msg.info("shared database %s: connected; sharing session ticket keys and caches again", sh.dsn)
+		}
+		sh.made(nil) // the refresher publishes what this host made meanwhile
 	}()
 }
 
-// sharedRelations are the tables and views of schema_shared.sql.
-var sharedRelations = []string{"ticket_keys", "smtpd_cache", "smtp_cache", "lmtp_cache", "sessions", "cache_stats", "ticket_key_names"}
+// writable is the background retry's probe: the database answers, and
+// takes writes (a standby in recovery does not).
+func (sh *sharedStore) writable() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), sh.timeout)
+	defer cancel()
+	var primary bool
+	err := sh.pool.QueryRow(ctx, "SELECT NOT pg_is_in_recovery()").Scan(&primary)
+	if err == nil && !primary {
+		msg.warnLimited("shared database", "shared database %s is a standby in recovery: it cannot take writes; sharing is degraded until it can", sh.dsn)
+	}
+	return err == nil && primary
+}
 
-const sharedCountRelations = `SELECT count(*)::int FROM pg_catalog.pg_class
-	WHERE relnamespace = current_schema()::regnamespace AND relname = ANY($1)`
+// sharedTables and sharedViews are schema_shared.sql's.
+var (
+	sharedTables = []string{"ticket_keys", "smtpd_cache", "smtp_cache", "lmtp_cache"}
+	sharedViews  = []string{"sessions", "cache_stats", "ticket_key_names"}
+)
+
+const sharedCountRelations = `SELECT count(*) FILTER (WHERE relname = ANY($1) AND relkind = 'r')::int,
+	count(*) FILTER (WHERE relname = ANY($2) AND relkind = 'v')::int
+	FROM pg_catalog.pg_class WHERE relnamespace = current_schema()::regnamespace`
 
 // ensureSchema makes the tables and views when one is missing, once per
 // connection to a database that lacks them. A role that may not create
@@ -454,14 +634,14 @@ func (sh *sharedStore) ensureSchema() bool {
 }
 
 func (sh *sharedStore) makeSchema() bool {
-	var have int
+	var tables, views int
 	err := sh.do("look for its tables", true, func(ctx context.Context) error {
-		return sh.pool.QueryRow(ctx, sharedCountRelations, sharedRelations).Scan(&have)
+		return sh.pool.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews).Scan(&tables, &views)
 	})
 	if err != nil {
 		return false
 	}
-	if have < len(sharedRelations) {
+	if tables < len(sharedTables) || views < len(sharedViews) {
 		created := false
 		err = sh.do("create its tables", false, func(ctx context.Context) error {
 			return pgx.BeginFunc(ctx, sh.pool, func(tx pgx.Tx) error {
@@ -470,7 +650,8 @@ func (sh *sharedStore) makeSchema() bool {
 				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(7375696770)"); err != nil {
 					return err
 				}
-				if err := tx.QueryRow(ctx, sharedCountRelations, sharedRelations).Scan(&have); err != nil || have == len(sharedRelations) {
+				if err := tx.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews).Scan(&tables, &views); err != nil ||
+					(tables == len(sharedTables) && views == len(sharedViews)) {
 					return err
 				}
 				_, err := tx.Exec(ctx, sharedSchemaSQL)
@@ -478,13 +659,17 @@ func (sh *sharedStore) makeSchema() bool {
 				return err
 			})
 		})
-		if err != nil {
+		switch {
+		case err == nil && created:
+			msg.info("shared database %s: created tlsmgr's tables", sh.dsn)
+		case err != nil && tables == len(sharedTables):
+			// The views are for people: work without them.
+			msg.warnLimited("shared schema", "shared database %s: its views (sessions, cache_stats, ticket_key_names) are missing and cannot be made: %s; create them with schema_shared.sql (see the README)",
+				sh.dsn, escapeText(err.Error()))
+		case err != nil:
 			msg.warnLimited("shared schema", "shared database %s: its tables are missing and cannot be made: %s; create them with schema_shared.sql (see the README)",
 				sh.dsn, escapeText(err.Error()))
 			return false
-		}
-		if created {
-			msg.info("shared database %s: created tlsmgr's tables", sh.dsn)
 		}
 	}
 	sh.schemaOK.Store(true)
@@ -602,12 +787,18 @@ func (sh *sharedStore) refreshKeys() error {
 			return err
 		}
 		defer rows.Close()
+		seen := map[int64]bool{}
 		for rows.Next() {
 			var s int64
 			var sealed []byte
 			if err := rows.Scan(&s, &sealed, &dbNow); err != nil {
 				return err
 			}
+			if s < slot-1 || s > slot+1 || seen[s] || len(seen) == 3 {
+				clear(sealed)
+				return fmt.Errorf("the database answered with slot %d, which was not asked for or came twice", s)
+			}
+			seen[s] = true
 			k, err := sh.openKey(period, s, sealed)
 			clear(sealed)
 			if err != nil {
@@ -641,8 +832,11 @@ func (sh *sharedStore) publishKeys(cands []ticketKey, period, slot int64) error 
 			k := &cands[i]
 			plain := make([]byte, 0, 80)
 			plain = append(append(append(plain, k.name[:]...), k.bits[:]...), k.hmac[:]...)
-			sealed := sh.seal(plain, sh.keyAD(period, k.slot))
+			sealed, err := sh.seal(plain, sh.keyAD(period, k.slot))
 			clear(plain)
+			if err != nil {
+				return err
+			}
 			b.Queue("INSERT INTO ticket_keys (realm, period, slot, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
 				sh.realm, period, k.slot, sealed)
 		}
@@ -713,14 +907,18 @@ func (sh *sharedStore) update(c *cache, id string, session []byte) int {
 	}
 	now := sh.now().Unix()
 	expires := now + c.timeout
-	sealed := sh.seal(session, sh.sessionAD(c.label, id, expires))
+	sealed, err := sh.seal(session, sh.sessionAD(c.label, id, expires))
+	if err != nil {
+		c.count.storeFailures.Add(1)
+		return statErr
+	}
 	values := decodedValues(session)
 	if b, ok := values[5].(bool); ok { // ticket: 1 or 0, as in SQLite
 		values[5] = map[bool]int64{false: 0, true: 1}[b]
 	}
 	args := append([]any{sh.realm, rowKey(id), id, sealed, now, expires}, values...)
 	var inserted bool
-	err := sh.do("store a "+c.label+" session", false, func(ctx context.Context) error {
+	err = sh.do("store a "+c.label+" session", false, func(ctx context.Context) error {
 		return sh.pool.QueryRow(ctx, sharedUpsert(c.label), args...).Scan(&inserted)
 	})
 	if err != nil {

@@ -10,10 +10,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -560,4 +562,179 @@ func TestSharedSlowDatabase(t *testing.T) {
 	}
 	tx.Rollback(ctx)
 	<-done
+}
+
+// Keys the database names for slots far ahead cannot push out the keys in
+// use, nor make issue hand out a wiped (all-zero) key.
+func TestSharedFarSlotsIgnored(t *testing.T) {
+	clock := &fakeClock{base: time.Unix(1_800_000_000, 0)}
+	keys := newTicketKeys(3600, rand.Reader)
+	keys.slotted = true
+	keys.now, keys.mono = clock.now, clock.mono
+	cur := keys.slotOf(clock.now().Unix())
+	var in []ticketKey
+	for i := int64(2); i < 2+maxSlottedKeys; i++ {
+		var k ticketKey
+		rand.Read(k.name[:])
+		rand.Read(k.bits[:])
+		rand.Read(k.hmac[:])
+		k.slot = cur + i
+		in = append(in, k)
+	}
+	keys.adopt(in)
+	k, made, err := keys.issue()
+	if err != nil || !made || k.name == ([16]byte{}) || k.bits == ([32]byte{}) || k.tout != (cur+1)*1800 {
+		t.Fatalf("issue: made %v, err %v, name %x, tout %d", made, err, k.name, k.tout)
+	}
+	if n := len(keys.held); n != 1 {
+		t.Errorf("%d keys held, want only the one issuing", n)
+	}
+}
+
+// The largest session a client may store is read back, and does not count
+// as the database failing.
+func TestSharedLargestRow(t *testing.T) {
+	p := startPG(t)
+	a, ca := newTestShared(t, p, "big", 3600, nil)
+	mustRefresh(t, a)
+	id := strings.Repeat("a", 4096)
+	session := make([]byte, maxAttrLen)
+	rand.Read(session)
+	if st := a.update(ca, id, session); st != statOK {
+		t.Fatalf("update %d", st)
+	}
+	for range sharedTripAfter + 1 {
+		if got, st := a.find(ca, id); st != statOK || !bytes.Equal(got, session) {
+			t.Fatalf("lookup of the largest session: %d", st)
+		}
+	}
+	if a.down.Load() || a.failures.Load() != 0 {
+		t.Fatalf("down %v, failures %d", a.down.Load(), a.failures.Load())
+	}
+}
+
+// Missing views and a schema lock held elsewhere: requests never wait for
+// the tables to be made, and the store works without the views.
+func TestSharedSchemaNeverInRequests(t *testing.T) {
+	p := startPG(t)
+	a, ca := newTestShared(t, p, "schema", 3600, nil)
+	mustRefresh(t, a)
+	a.update(ca, "x", []byte("session"))
+	p.sql("DROP VIEW cache_stats")
+	a.schemaOK.Store(false) // as after a missing table, or at start
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, p.dsn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(7375696770)"); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var worst time.Duration
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t0 := time.Now()
+			a.find(ca, "x")
+			mu.Lock()
+			worst = max(worst, time.Since(t0))
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if worst > 100*time.Millisecond {
+		t.Errorf("a lookup waited %v while the tables were being looked at", worst)
+	}
+	conn.Exec(ctx, "SELECT pg_advisory_unlock(7375696770)")
+	p.sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+	p.sql("CREATE ROLE limited LOGIN")
+	p.sql("GRANT SELECT, INSERT, UPDATE, DELETE ON ticket_keys, smtpd_cache, smtp_cache, lmtp_cache TO limited")
+	pc, _ := sharedPoolConfig(strings.Replace(p.dsn(), "user=tlsmgr", "user=limited", 1), 2*time.Second)
+	sc := &sharedConfig{pool: pc, realm: "schema", caches: []string{"smtpd"}, timeout: 2 * time.Second}
+	copy(sc.secret[:], testSecret)
+	b, err := newSharedStore(sc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	if !b.ensureSchema() {
+		t.Fatal("a role that may not create the views cannot use the tables")
+	}
+	if s, st := b.find(ca, "x"); st != statOK || string(s) != "session" {
+		t.Fatalf("lookup as the limited role: %d %q", st, s)
+	}
+}
+
+// Failures while a retry is ending never leave the store down for good:
+// once they stop, it is back within a few retries.
+func TestSharedNeverStuckDown(t *testing.T) {
+	p := startPG(t)
+	a, _ := newTestShared(t, p, "stuck", 3600, nil)
+	mustRefresh(t, a)
+	boom := errors.New("boom")
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				a.do("hammer", true, func(context.Context) error { return boom })
+			}
+		}()
+	}
+	time.Sleep(4 * sharedRetryEvery)
+	close(stop)
+	wg.Wait()
+	deadline := time.Now().Add(3 * sharedRetryEvery)
+	for a.down.Load() && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if a.down.Load() {
+		t.Fatal("the store stayed down with the database up")
+	}
+}
+
+// The files a connection string names are found in both of libpq's forms,
+// and one that someone else could have written turns sharing off.
+func TestSharedConnFiles(t *testing.T) {
+	for conn, want := range map[string]string{
+		"host=db port=5432 passfile=/etc/postfix/pgpass sslrootcert='/etc/my ca.pem' sslmode=verify-full": "/etc/postfix/pgpass|/etc/my ca.pem",
+		`sslkey = '/k\'ey' dbname=x`: "/k'ey",
+		"postgresql://u@db/tlsmgr?sslmode=verify-full&sslcert=%2Fetc%2Fc.pem": "/etc/c.pem",
+		"host=db dbname=x": "",
+	} {
+		got := connFiles(conn)
+		sort.Strings(got)
+		w := strings.Split(want, "|")
+		if want == "" {
+			w = nil
+		}
+		sort.Strings(w)
+		if strings.Join(got, "|") != strings.Join(w, "|") {
+			t.Errorf("%s: %q, want %q", conn, got, w)
+		}
+	}
+	if err := checkRootPath("/etc/passwd"); err != nil && os.Geteuid() == 0 {
+		t.Errorf("/etc/passwd: %v", err)
+	}
+	dir := t.TempDir()
+	os.Chmod(dir, 0o777)
+	f := filepath.Join(dir, "pgpass")
+	os.WriteFile(f, []byte("*:*:*:*:x\n"), 0o600)
+	if err := checkRootPath(f); err == nil || !strings.Contains(err.Error(), "others may write") {
+		t.Errorf("a file in a world-writable directory: %v", err)
+	}
+	if err := checkRootPath("relative/pgpass"); err == nil {
+		t.Error("a relative path was accepted")
+	}
 }

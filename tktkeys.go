@@ -78,7 +78,9 @@ type keySource interface {
 
 // maxSlottedKeys bounds the keys a shared series holds: slots k-1..k+1,
 // and keys this host made for a slot while the database was away, kept
-// for their tickets after the database's key replaced them.
+// for their tickets after the database's key replaced them. Pruning to it
+// happens before a key is added, never after, so the list may hold up to
+// three more for a moment.
 const maxSlottedKeys = 8
 
 // ticketKeys holds the keys. They are handed out by value, copied under
@@ -209,8 +211,8 @@ func (t *ticketKeys) issue() (key ticketKey, made bool, err error) {
 		if k, err = t.newKey((slot+1)*t.half, now, mono, slot); err != nil {
 			return ticketKey{}, false, err
 		}
+		t.pruneSlotted(now, mono) // before: the new key must not be the one dropped
 		t.held = append(t.held, k)
-		t.pruneSlotted(now, mono)
 	} else {
 		if cur := t.current(); cur != nil && cur.tout > now && mono < cur.issueUntil {
 			return *cur, false, nil
@@ -322,9 +324,14 @@ func (t *ticketKeys) adopt(keys []ticketKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now, mono := t.now().Unix(), t.mono()
+	slot := t.slotOf(now)
 	for i := range keys {
 		in := keys[i]
 		keys[i].wipe()
+		if in.slot < slot-1 || in.slot > slot+1 {
+			in.wipe() // not a slot this host asked for
+			continue
+		}
 		var same *ticketKey
 		for _, k := range t.held {
 			if k.name == in.name {
@@ -358,6 +365,7 @@ func (t *ticketKeys) candidates(from, to, issuing int64) ([]ticketKey, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now, mono := t.now().Unix(), t.mono()
+	t.pruneSlotted(now, mono) // before: the new keys must not be the ones dropped
 	var out []ticketKey
 	for slot := from; slot <= to; slot++ {
 		if k := t.forSlot(slot, nil); k != nil {
@@ -375,7 +383,6 @@ func (t *ticketKeys) candidates(from, to, issuing int64) ([]ticketKey, error) {
 		t.held = append(t.held, k)
 		out = append(out, *k)
 	}
-	t.pruneSlotted(now, mono)
 	return out, nil
 }
 
