@@ -738,3 +738,36 @@ func TestSharedConnFiles(t *testing.T) {
 		t.Error("a relative path was accepted")
 	}
 }
+
+// Without its secret, sharing stays off with one warning that says how to
+// make one; a secret others may read is refused the same way.
+func TestSharedNeedsSecret(t *testing.T) {
+	dir := t.TempDir()
+	logged := captureLog(t)
+	for _, setup := range []func(string){
+		func(string) {},
+		func(f string) { os.WriteFile(f, bytes.Repeat([]byte{1}, sharedSecretLen), 0o644) },
+		func(f string) { os.WriteFile(f, bytes.Repeat([]byte{1}, 16), 0o600) },
+	} {
+		secret := filepath.Join(dir, "key")
+		os.Remove(secret)
+		setup(secret)
+		cfg := newConfig()
+		for _, o := range []string{"tlsmgr_shared_database=host=127.0.0.1 port=1 user=x dbname=y", "tlsmgr_shared_secret_file=" + secret} {
+			if err := cfg.setOverride(o); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if sc := prepareShared(cfg); sc != nil {
+			t.Errorf("sharing is on with %s", secret)
+		}
+	}
+	if n := strings.Count(logged(), "sharing stays off. Make one as root with: umask 077; head -c 32 /dev/urandom > "); n != 3 {
+		t.Errorf("%d warnings for 3 unfit secrets:\n%s", n, logged())
+	}
+	for _, want := range []string{"no such file", "others may read it", "holds 16 bytes, not 32"} {
+		if !strings.Contains(logged(), want) {
+			t.Errorf("no %q in:\n%s", want, logged())
+		}
+	}
+}
