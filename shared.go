@@ -41,7 +41,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -110,17 +109,22 @@ func prepareShared(cfg *config) *sharedConfig {
 		timeout: time.Duration(cfg.mustNum("tlsmgr_shared_database_timeout")) * time.Second}
 	// pgx takes defaults from PG* variables and from files under $HOME:
 	// none of them is checked, so as root the parse sees none of them.
-	// The files the string names are checked like the secret.
-	var pc *pgxpool.Config
-	withoutPGEnvironment(func() { pc, err = sharedPoolConfig(conn, sc.timeout) })
+	// The files the string names are checked, before pgx reads them, like
+	// the secret.
+	files, err := connFiles(conn)
 	if err != nil {
-		msg.fatal("%v", err)
+		msg.fatal("tlsmgr_shared_database: %v", err)
 	}
-	for _, f := range connFiles(conn) {
+	for _, f := range files {
 		if err := checkRootPath(f); err != nil {
 			msg.warn("tlsmgr_shared_database: %v; sharing stays off", err)
 			return nil
 		}
+	}
+	var pc *pgxpool.Config
+	withoutPGEnvironment(func() { pc, err = sharedPoolConfig(conn, sc.timeout) })
+	if err != nil {
+		msg.fatal("%v", err)
 	}
 	warnUnverified(&pc.ConnConfig.Config)
 	sc.pool = pc
@@ -185,32 +189,47 @@ func withoutPGEnvironment(f func()) {
 }
 
 // connFileParams are the connection string's parameters that name files
-// pgx reads.
-var connFileParams = map[string]bool{"passfile": true, "sslrootcert": true, "sslcert": true, "sslkey": true, "servicefile": true}
+// pgx reads. service and servicefile name files that name more files: they
+// are refused.
+var connFileParams = map[string]bool{"passfile": true, "sslrootcert": true, "sslcert": true, "sslkey": true}
 
-// connFiles lists the files a connection string names (URI or key=value).
-func connFiles(conn string) []string {
-	var files []string
-	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
-		u, err := url.Parse(conn)
-		if err != nil {
-			return nil // sharedPoolConfig has said so
-		}
-		for name, values := range u.Query() {
-			if connFileParams[name] {
-				files = append(files, values...)
+// connFiles lists the files a connection string names, so that they can be
+// checked before pgx reads them as root. It fails closed: file parameters
+// are taken in libpq's key=value form only (a URI's grammar has corners,
+// such as fragments and multiple hosts, where Go's URL parser and pgx's
+// disagree), and the name of a file parameter anywhere in the string that
+// this scan did not find as a parameter refuses the string.
+func connFiles(conn string) ([]string, error) {
+	lower := strings.ToLower(conn)
+	mentioned := func(name string) bool { return strings.Contains(lower, name) }
+	if strings.HasPrefix(lower, "postgres://") || strings.HasPrefix(lower, "postgresql://") {
+		for name := range connFileParams {
+			if mentioned(name) {
+				return nil, fmt.Errorf("give %s in the key=value form (host=... %s=...), not in a URI", name, name)
 			}
 		}
-		return files
+		if mentioned("service=") || mentioned("servicefile=") {
+			return nil, errors.New("service and servicefile are not supported: give the parameters in the string")
+		}
+		return nil, nil
 	}
-	// key = value pairs, a value quoted with ' and \ escaping, as libpq's.
-	for rest := strings.TrimSpace(conn); rest != ""; rest = strings.TrimSpace(rest) {
+	space := func(c byte) bool { return strings.IndexByte(" \t\n\r\v\f", c) >= 0 }
+	var files []string
+	seen := map[string]bool{}
+	rest := conn
+	for {
+		for rest != "" && space(rest[0]) {
+			rest = rest[1:]
+		}
 		eq := strings.IndexByte(rest, '=')
 		if eq < 0 {
-			break
+			break // the end, or a string pgx refuses
 		}
-		name := strings.TrimSpace(rest[:eq])
-		rest = strings.TrimLeft(rest[eq+1:], " \t\n")
+		name := strings.TrimRightFunc(rest[:eq], func(r rune) bool { return r < 128 && space(byte(r)) })
+		rest = rest[eq+1:]
+		for rest != "" && space(rest[0]) {
+			rest = rest[1:]
+		}
 		var value strings.Builder
 		quoted := strings.HasPrefix(rest, "'")
 		if quoted {
@@ -224,18 +243,27 @@ func connFiles(conn string) []string {
 				value.WriteByte(rest[i])
 				continue
 			}
-			if (quoted && c == '\'') || (!quoted && (c == ' ' || c == '\t' || c == '\n')) {
+			if (quoted && c == '\'') || (!quoted && space(c)) {
 				i++
 				break
 			}
 			value.WriteByte(c)
 		}
 		rest = rest[i:]
+		seen[strings.ToLower(name)] = true
+		if name == "service" || name == "servicefile" {
+			return nil, errors.New("service and servicefile are not supported: give the parameters in the string")
+		}
 		if connFileParams[name] {
 			files = append(files, value.String())
 		}
 	}
-	return files
+	for name := range connFileParams {
+		if mentioned(name) && !seen[name] {
+			return nil, fmt.Errorf("it mentions %s, but not as a parameter this program can check; write %s=/path", name, name)
+		}
+	}
+	return files, nil
 }
 
 // checkRootPath: a file pgx reads as root must be root's (or ours, when we
@@ -254,6 +282,8 @@ func checkRootPath(path string) error {
 		switch {
 		case st.Mode&syscall.S_IFMT == syscall.S_IFLNK:
 			return fmt.Errorf("%s: %s is a symbolic link", path, p)
+		case p == filepath.Clean(path) && st.Mode&syscall.S_IFMT != syscall.S_IFREG:
+			return fmt.Errorf("%s is not a regular file", path)
 		case st.Uid != 0 && st.Uid != uid:
 			return fmt.Errorf("%s: %s belongs to uid %d, not root", path, p, st.Uid)
 		case st.Mode&0o022 != 0 && !(st.Mode&syscall.S_IFMT == syscall.S_IFDIR && st.Mode&syscall.S_ISVTX != 0 && p != filepath.Clean(path)):
@@ -276,7 +306,7 @@ func warnUnverified(cc *pgconn.Config) {
 	if ip := net.ParseIP(cc.Host); ip != nil && ip.IsLoopback() || cc.Host == "localhost" {
 		return
 	}
-	if cc.TLSConfig == nil || cc.TLSConfig.InsecureSkipVerify {
+	if cc.TLSConfig == nil || (cc.TLSConfig.InsecureSkipVerify && cc.TLSConfig.VerifyPeerCertificate == nil) {
 		msg.warn("tlsmgr_shared_database: the connection to %s is not verified (set sslmode=verify-full and sslrootcert): "+
 			"keys and sessions are sealed, but a machine in between sees which sessions are cached and can withhold rows", escapeText(cc.Host))
 	}
@@ -367,6 +397,10 @@ type sharedStore struct {
 	schemaOK    atomic.Bool
 	wake        chan struct{} // the refresher: publish a key this host made
 	stop        chan struct{}
+	// ctx is every statement's parent: close cancels it first, so that
+	// nothing waits for the database at exit.
+	ctx         context.Context
+	cancel      context.CancelFunc
 	wg          sync.WaitGroup
 	schemaMu    sync.Mutex
 	schemaTried time.Time // the last attempt that failed: the next waits schemaRetry
@@ -387,6 +421,7 @@ func newSharedStore(sc *sharedConfig, keys *ticketKeys) (*sharedStore, error) {
 	for _, c := range sc.caches {
 		sh.caches[c] = true
 	}
+	sh.ctx, sh.cancel = context.WithCancel(context.Background())
 	key, err := hkdf.Key(sha256.New, sc.secret[:], nil, "tlsmgr shared store v1\x00"+sc.realm, 32)
 	clear(sc.secret[:])
 	if err != nil {
@@ -422,6 +457,7 @@ func (sh *sharedStore) close() {
 	}
 	sh.closed = true
 	sh.stateMu.Unlock()
+	sh.cancel()
 	close(sh.stop)
 	done := make(chan struct{})
 	go func() { sh.wg.Wait(); close(done) }()
@@ -507,10 +543,15 @@ func (sh *sharedStore) sessionAD(label, id string, expires int64) []byte {
 // is away, slow or refusing us counts towards that, and trip makes it so
 // at once (the refresher: it is the first to know).
 func (sh *sharedStore) do(what string, trip bool, f func(ctx context.Context) error) error {
+	return sh.doBy(time.Now().Add(sh.timeout), what, trip, f)
+}
+
+// doBy is do with the deadline of a request that may have waited already.
+func (sh *sharedStore) doBy(deadline time.Time, what string, trip bool, f func(ctx context.Context) error) error {
 	if sh.down.Load() {
 		return errSharedDown
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), sh.timeout)
+	ctx, cancel := context.WithDeadline(sh.ctx, deadline)
 	defer cancel()
 	err := f(ctx)
 	if err == nil || errors.Is(err, pgx.ErrNoRows) {
@@ -576,29 +617,45 @@ func (sh *sharedStore) tripped() {
 		sh.schemaTried = time.Time{} // back: look at the tables at once
 		sh.schemaMu.Unlock()
 		sh.stateMu.Lock()
+		if sh.closed {
+			sh.stateMu.Unlock()
+			return
+		}
 		sh.failures.Store(0)
 		sh.retrying = false
 		sh.down.Store(false)
-		sh.stateMu.Unlock()
-		if time.Since(sh.lastConnect) > warnInterval {
+		say := time.Since(sh.lastConnect) > warnInterval
+		if say {
 			sh.lastConnect = time.Now()
+		}
+		sh.stateMu.Unlock()
+		if say {
 			msg.info("shared database %s: connected; sharing session ticket keys and caches again", sh.dsn)
 		}
 		sh.made(nil) // the refresher publishes what this host made meanwhile
 	}()
 }
 
-// writable is the background retry's probe: the database answers, and
-// takes writes (a standby in recovery does not).
+// writable is the background retry's probe: the database answers, takes
+// writes (a standby in recovery does not), and its tables can be read now
+// (not locked by someone else); missing tables are the refresher's to make.
 func (sh *sharedStore) writable() bool {
-	ctx, cancel := context.WithTimeout(context.Background(), sh.timeout)
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
 	defer cancel()
 	var primary bool
 	err := sh.pool.QueryRow(ctx, "SELECT NOT pg_is_in_recovery()").Scan(&primary)
 	if err == nil && !primary {
 		msg.warnLimited("shared database", "shared database %s is a standby in recovery: it cannot take writes; sharing is degraded until it can", sh.dsn)
 	}
-	return err == nil && primary
+	if err != nil || !primary {
+		return false
+	}
+	for _, table := range sharedTables {
+		if _, err := sh.pool.Exec(ctx, "SELECT 1 FROM "+table+" LIMIT 1"); err != nil && !missingTable(err) {
+			return false
+		}
+	}
+	return true
 }
 
 // sharedTables and sharedViews are schema_shared.sql's.
@@ -607,9 +664,10 @@ var (
 	sharedViews  = []string{"sessions", "cache_stats", "ticket_key_names"}
 )
 
-const sharedCountRelations = `SELECT count(*) FILTER (WHERE relname = ANY($1) AND relkind = 'r')::int,
-	count(*) FILTER (WHERE relname = ANY($2) AND relkind = 'v')::int
-	FROM pg_catalog.pg_class WHERE relnamespace = current_schema()::regnamespace`
+// sharedCountRelations counts the tables and the views that the role's
+// search_path finds, as its statements will.
+const sharedCountRelations = `SELECT (SELECT count(*) FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NOT NULL)::int,
+	(SELECT count(*) FROM unnest($2::text[]) AS n WHERE to_regclass(n) IS NOT NULL)::int`
 
 // ensureSchema makes the tables and views when one is missing, once per
 // connection to a database that lacks them. A role that may not create
@@ -679,15 +737,16 @@ func (sh *sharedStore) makeSchema() bool {
 // usable says whether a cache request may go to the database: its tables
 // are there. A request never makes them (that is the refresher's, which it
 // wakes): it waits at most for the refresher's first round at start, no
-// longer than the start-up wait of the keys.
-func (sh *sharedStore) usable() bool {
+// longer than the start-up wait of the keys, and within its own deadline,
+// of which its statement then gets what is left.
+func (sh *sharedStore) usable(deadline time.Time) bool {
 	if sh.schemaOK.Load() {
 		return true
 	}
 	select {
 	case <-sh.ready:
 	default:
-		if wait := time.Until(sh.startBy); wait > 0 {
+		if wait := min(time.Until(sh.startBy), time.Until(deadline)); wait > 0 {
 			t := time.NewTimer(wait)
 			select {
 			case <-sh.ready:
@@ -840,7 +899,8 @@ func (sh *sharedStore) publishKeys(cands []ticketKey, period, slot int64) error 
 			b.Queue("INSERT INTO ticket_keys (realm, period, slot, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
 				sh.realm, period, k.slot, sealed)
 		}
-		b.Queue("DELETE FROM ticket_keys WHERE realm = $1 AND period = $2 AND slot < $3", sh.realm, period, slot-2)
+		// Keys that no longer decrypt, of any series of the realm.
+		b.Queue("DELETE FROM ticket_keys WHERE realm = $1 AND (slot + 2) * period < $2", sh.realm, sh.now().Unix()-period)
 		return sh.pool.SendBatch(ctx, b).Close()
 	})
 }
@@ -868,13 +928,14 @@ func usableID(id string) bool { return utf8.ValidString(id) && len(id) <= 4096 }
 
 // find is the shared cache's lookup.
 func (sh *sharedStore) find(c *cache, id string) ([]byte, int) {
-	if !usableID(id) || !sh.usable() {
+	deadline := time.Now().Add(sh.timeout)
+	if !usableID(id) || !sh.usable(deadline) {
 		return nil, statErr
 	}
 	var sealed []byte
 	var rowID string
 	var expires int64
-	err := sh.do("look up a "+c.label+" session", false, func(ctx context.Context) error {
+	err := sh.doBy(deadline, "look up a "+c.label+" session", false, func(ctx context.Context) error {
 		return sh.pool.QueryRow(ctx, "SELECT id, session, expires FROM "+c.label+"_cache WHERE realm = $1 AND hash = $2",
 			sh.realm, rowKey(id)).Scan(&rowID, &sealed, &expires)
 	})
@@ -901,7 +962,8 @@ func (sh *sharedStore) find(c *cache, id string) ([]byte, int) {
 // update is the shared cache's update. It counts a new entry or a
 // replaced one, as the local cache does.
 func (sh *sharedStore) update(c *cache, id string, session []byte) int {
-	if !usableID(id) || len(session) > maxAttrLen || !sh.usable() {
+	deadline := time.Now().Add(sh.timeout)
+	if !usableID(id) || len(session) > maxAttrLen || !sh.usable(deadline) {
 		c.count.storeFailures.Add(1)
 		return statErr
 	}
@@ -918,7 +980,7 @@ func (sh *sharedStore) update(c *cache, id string, session []byte) int {
 	}
 	args := append([]any{sh.realm, rowKey(id), id, sealed, now, expires}, values...)
 	var inserted bool
-	err = sh.do("store a "+c.label+" session", false, func(ctx context.Context) error {
+	err = sh.doBy(deadline, "store a "+c.label+" session", false, func(ctx context.Context) error {
 		return sh.pool.QueryRow(ctx, sharedUpsert(c.label), args...).Scan(&inserted)
 	})
 	if err != nil {
@@ -959,11 +1021,12 @@ func sharedUpsert(label string) string {
 
 // remove is the shared cache's delete.
 func (sh *sharedStore) remove(c *cache, id string) int {
-	if !usableID(id) || !sh.usable() {
+	deadline := time.Now().Add(sh.timeout)
+	if !usableID(id) || !sh.usable(deadline) {
 		return statErr
 	}
 	var tag pgconn.CommandTag
-	err := sh.do("delete a "+c.label+" session", false, func(ctx context.Context) error {
+	err := sh.doBy(deadline, "delete a "+c.label+" session", false, func(ctx context.Context) error {
 		var err error
 		tag, err = sh.pool.Exec(ctx, "DELETE FROM "+c.label+"_cache WHERE realm = $1 AND hash = $2 AND id = $3", sh.realm, rowKey(id), id)
 		return err

@@ -560,6 +560,26 @@ func TestSharedSlowDatabase(t *testing.T) {
 	if !a.down.Load() {
 		t.Error("repeated timeouts did not stop requests from waiting")
 	}
+	// The retry's probe reads the tables too: while they are locked, the
+	// store stays down rather than letting requests wait again.
+	time.Sleep(sharedRetryEvery + a.timeout + 500*time.Millisecond)
+	if !a.down.Load() {
+		t.Error("the retry took the database for back while its tables were locked")
+	}
+	// At exit nothing waits for the database: close cancels what is under way.
+	blocked := make(chan struct{})
+	go func() {
+		defer close(blocked)
+		a.down.Store(false)
+		a.find(ca, "x")
+	}()
+	time.Sleep(100 * time.Millisecond)
+	t0 := time.Now()
+	a.close()
+	<-blocked
+	if took := time.Since(t0); took > 500*time.Millisecond {
+		t.Errorf("close took %v with a statement waiting on a lock", took)
+	}
 	tx.Rollback(ctx)
 	<-done
 }
@@ -704,16 +724,33 @@ func TestSharedNeverStuckDown(t *testing.T) {
 	}
 }
 
-// The files a connection string names are found in both of libpq's forms,
-// and one that someone else could have written turns sharing off.
+// The files a connection string names are found, before pgx reads them;
+// a string where they could hide from the scan is refused; and one that
+// someone else could have written turns sharing off.
 func TestSharedConnFiles(t *testing.T) {
 	for conn, want := range map[string]string{
 		"host=db port=5432 passfile=/etc/postfix/pgpass sslrootcert='/etc/my ca.pem' sslmode=verify-full": "/etc/postfix/pgpass|/etc/my ca.pem",
-		`sslkey = '/k\'ey' dbname=x`: "/k'ey",
-		"postgresql://u@db/tlsmgr?sslmode=verify-full&sslcert=%2Fetc%2Fc.pem": "/etc/c.pem",
-		"host=db dbname=x": "",
+		`sslkey = '/k\'ey' dbname=x`:                      "/k'ey",
+		"host=db\vsslcert=/etc/c.pem\fdbname=x":           "/etc/c.pem",
+		"host=db dbname=x":                                "",
+		"postgresql://u@db/tlsmgr?sslmode=verify-full":    "",
+		"postgresql://u@db/tlsmgr?a=b#c&sslkey=/home/u/k": "ERROR",
+		"postgres://h1:5432,h2/db?sslrootcert=/tmp/x":     "ERROR",
+		"host=db service=mx":                              "ERROR",
+		"host=db servicefile=/tmp/s":                      "ERROR",
+		"host=db options='-c x=1 sslkey=/tmp/k'":          "ERROR",
 	} {
-		got := connFiles(conn)
+		got, err := connFiles(conn)
+		if want == "ERROR" {
+			if err == nil {
+				t.Errorf("%q: accepted, files %q", conn, got)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", conn, err)
+			continue
+		}
 		sort.Strings(got)
 		w := strings.Split(want, "|")
 		if want == "" {
