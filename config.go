@@ -65,21 +65,24 @@ var params = map[string]paramSpec{
 	"daemon_directory":                 {kindString, "/usr/lib/postfix/sbin", 0, 0},
 	"mail_owner":                       {kindString, "postfix", 0, 0},
 	"default_database_type":            {kindString, "hash", 0, 0},
-	"multi_instance_name":              {kindString, "", 0, 0},
-	"syslog_name":                      {kindString, "${multi_instance_name?{$multi_instance_name}:{postfix}}", 0, 0},
-	"syslog_facility":                  {kindString, "mail", 0, 0},
-	"maillog_file":                     {kindString, "", 0, 0},
-	"maillog_file_prefixes":            {kindString, "/var, /dev/stdout", 0, 0},
-	"postlog_service_name":             {kindString, "postlog", 0, 0},
-	"myhostname":                       {kindString, defaultHostname(), 0, 0},
-	"daemon_timeout":                   {kindTime, "18000s", 1, 0},
-	"ipc_timeout":                      {kindTime, "3600s", 1, 0},
-	"max_idle":                         {kindTime, "100s", 1, 0},
-	"max_use":                          {kindInt, "100", 1, 0},
-	"tlsmgr_service_name":              {kindString, "tlsmgr", 0, 0},
-	"tls_daemon_random_bytes":          {kindInt, "32", 1, 0},
-	"tls_session_ticket_cipher":        {kindString, "aes-256-cbc", 0, 0},
-	"debugger_command":                 {kindString, "", 0, 0},
+	// Postfix 3.11: the type of cache files in main.cf's defaults, such as
+	// $default_cache_db_type:$data_directory/smtpd_scache.
+	"default_cache_db_type":     {kindString, "btree", 0, 0},
+	"multi_instance_name":       {kindString, "", 0, 0},
+	"syslog_name":               {kindString, "${multi_instance_name?{$multi_instance_name}:{postfix}}", 0, 0},
+	"syslog_facility":           {kindString, "mail", 0, 0},
+	"maillog_file":              {kindString, "", 0, 0},
+	"maillog_file_prefixes":     {kindString, "/var, /dev/stdout", 0, 0},
+	"postlog_service_name":      {kindString, "postlog", 0, 0},
+	"myhostname":                {kindString, defaultHostname(), 0, 0},
+	"daemon_timeout":            {kindTime, "18000s", 1, 0},
+	"ipc_timeout":               {kindTime, "3600s", 1, 0},
+	"max_idle":                  {kindTime, "100s", 1, 0},
+	"max_use":                   {kindInt, "100", 1, 0},
+	"tlsmgr_service_name":       {kindString, "tlsmgr", 0, 0},
+	"tls_daemon_random_bytes":   {kindInt, "32", 1, 0},
+	"tls_session_ticket_cipher": {kindString, "aes-256-cbc", 0, 0},
+	"debugger_command":          {kindString, "", 0, 0},
 
 	// Ours. tlsmgr_database is the one SQLite file that holds all three caches.
 	"tlsmgr_database":         {kindString, "${data_directory}/tlsmgr.sqlite", 0, 0},
@@ -107,6 +110,10 @@ var params = map[string]paramSpec{
 	"tlsmgr_shared_secret_file":      {kindString, "${config_directory}/tlsmgr_shared.key", 0, 0},
 	"tlsmgr_shared_database_timeout": {kindTime, "1s", 1, 60},
 }
+
+// readOnlyParams are set by the program itself; -o may name them (as
+// master.cf lines written for Postfix 3.12 may) and is ignored.
+var readOnlyParams = map[string]bool{"process_name": true, "service_name": true, "process_id": true}
 
 // defaultHostname is Postfix's myhostname default: the host name, with
 // $mydomain (or localdomain) added when it has no dot.
@@ -146,7 +153,10 @@ func newConfig() *config {
 
 // raw returns the unexpanded value of name and whether it is defined at all.
 func (c *config) raw(name string) (string, bool) {
-	for _, layer := range []map[string]string{c.overrides, c.overlay, c.mainCF, c.builtin, c.always} {
+	// process_name, service_name, process_id and config_directory are
+	// read-only: what main.cf or -o says of them is ignored (Postfix 3.12
+	// enforces it too).
+	for _, layer := range []map[string]string{c.always, c.overrides, c.overlay, c.mainCF, c.builtin} {
 		if v, ok := layer[name]; ok {
 			return v, true
 		}
@@ -245,6 +255,9 @@ func (c *config) setOverride(arg string) error {
 	name, value, err := splitNameValue(arg)
 	if err != nil {
 		return fmt.Errorf("invalid \"-o %s\" option value: %v (use -o name=value)", arg, err)
+	}
+	if readOnlyParams[name] {
+		return nil // ignored, as Postfix 3.12 daemons ignore it
 	}
 	if _, known := params[name]; !known {
 		return fmt.Errorf("invalid \"-o %s\" option: %v", arg, unknownParam(name))

@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 func writeFile(t *testing.T, dir, name, content string) string {
@@ -327,5 +328,55 @@ func TestManPageListsEveryParameter(t *testing.T) {
 		if !strings.Contains(string(text), name) {
 			t.Errorf("tlsmgr.8 does not mention %s", name)
 		}
+	}
+}
+
+// Postfix 3.11 and 3.12 main.cf and master.cf: "trace" and the other
+// keywords of *_tls_loglevel are accepted without a warning (trace adds
+// nothing to tlsmgr: "1,trace" logs no cache operations, as in Postfix's
+// tls_log_mask, "2,trace" does); the Berkeley DB migration parameters and
+// $default_cache_db_type in a cache name are read without complaint; -o
+// service_name= and -o process_name= are ignored, as 3.12's daemons do, and
+// main.cf cannot change them either.
+func TestPostfix312Parameters(t *testing.T) {
+	s := newStandalone(t)
+	s.writeMainCF(`smtpd_tls_loglevel = 1,trace
+smtp_tls_loglevel = 2, trace, ssl-session-packet-dump
+non_bdb_migration_level = enable-redirect
+non_bdb_migration_log_redirect = yes
+default_cache_db_type = lmdb
+service_name = from-main-cf
+syslog_name = test/$service_name
+smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache
+smtp_tls_session_cache_database = $default_cache_db_type:${data_directory}/smtp_scache
+`)
+	s.start("-o", "service_name=from-o", "-o", "process_name=from-o")
+	c, _ := s.dialWithin(5 * time.Second)
+	for _, cache := range []string{"smtpd", "smtp"} {
+		if got := c.req("request", "update", "cache_type", cache, "cache_id", "id1", "session", b64("hello")); got != "status=0" {
+			t.Fatalf("%s update: %s\n%s", cache, got, s.log)
+		}
+		if got := c.req("request", "lookup", "cache_type", cache, "cache_id", "id1"); got != "status=0 session="+b64("hello") {
+			t.Fatalf("%s lookup: %s\n%s", cache, got, s.log)
+		}
+	}
+	waitFor(t, func() bool { return strings.Contains(s.log.String(), "put smtp session id=id1") }, "smtp cache logging in %s", s.log)
+	s.stop()
+	logged := s.log.String()
+	if regexp.MustCompile(`warning: .*(loglevel|log level|unknown|parameter|service_name|process_name)|fatal`).MatchString(logged) {
+		t.Errorf("warnings:\n%s", logged)
+	}
+	if strings.Contains(logged, "smtpd session id=id1") {
+		t.Errorf("smtpd_tls_loglevel = 1,trace logged cache operations:\n%s", logged)
+	}
+	if !strings.Contains(logged, "open smtp TLS cache lmdb:"+s.data+"/smtp_scache") {
+		t.Errorf("$default_cache_db_type was not expanded:\n%s", logged)
+	}
+	if !strings.Contains(logged, "test/tlsmgr/tlsmgr[") || strings.Contains(logged, "from-") {
+		t.Errorf("service_name from main.cf or -o was used:\n%s", logged)
+	}
+	out, err := exec.Command(tlsmgrBinary(t), "-n", "-mailconfig", filepath.Join(s.dir, "etc")).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "default_cache_db_type = lmdb") || strings.Contains(string(out), "warning") {
+		t.Errorf("-n: %v\n%s", err, out)
 	}
 }

@@ -106,6 +106,12 @@ func TestMainCFAgreesWithPostconf(t *testing.T) {
 	var names []string // the Postfix parameters tlsmgr reads; ours postconf does not know
 	for name := range params {
 		if !strings.HasPrefix(name, "tlsmgr_") || name == "tlsmgr_service_name" {
+			// A parameter of a later Postfix than the oracle's (Postfix
+			// 3.11's default_cache_db_type) is not the oracle's to judge.
+			if out, _ := exec.Command("postconf", "-d", name).CombinedOutput(); strings.Contains(string(out), "unknown parameter") {
+				t.Logf("%s: this postconf does not know it", name)
+				continue
+			}
 			names = append(names, name)
 		}
 	}

@@ -1335,11 +1335,13 @@ func tlsLogMask(level string) (int, error) {
 	mask := 0
 	for _, word := range strings.FieldsFunc(strings.ToLower(level), func(r rune) bool { return r == ',' || r == ' ' || r == '\t' }) {
 		switch word {
-		case "0", "none", "1", "routine", "summary", "untrusted", "peercert", "certmatch", "verbose", "dane", "ssl-debug", "ssl-handshake-packet-dump":
+		case "0", "none", "1", "routine", "summary", "untrusted", "peercert", "certmatch", "verbose", "dane", "ssl-debug", "ssl-handshake-packet-dump",
+			"ssl-session-packet-dump", // Postfix 3.x
+			"trace":                   // Postfix 3.12: SSL_trace() to a file, in the clients; nothing for tlsmgr
 		case "2", "debug", "3", "ssl-expert", "4", "5", "6", "7", "8", "9", "ssl-developer", "cache":
 			mask |= logMaskCache
 		default:
-			return 0, fmt.Errorf("unknown TLS log level keyword %q (allowed: 0-9, none, routine, debug, ssl-expert, ssl-developer, summary, untrusted, peercert, certmatch, verbose, cache, dane, ssl-debug)", word)
+			return 0, fmt.Errorf("unknown TLS log level keyword %q (allowed: 0-9, none, routine, debug, ssl-expert, ssl-developer, summary, untrusted, peercert, certmatch, verbose, cache, dane, ssl-debug, ssl-handshake-packet-dump, ssl-session-packet-dump, trace)", word)
 		}
 	}
 	return mask, nil
