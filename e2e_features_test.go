@@ -5,9 +5,13 @@ package main
 // SQL recipes, tlsmgr -stats, and ticket keys kept across postfix reload.
 
 import (
+	"bytes"
 	"database/sql"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -138,6 +142,56 @@ func (p *postfixInstance) checkReadableCaches(t *testing.T, byID []string) {
 		t.Logf("tlsmgr -stats -mailconfig %s:\n%s", p.etc, out)
 		if err != nil || !regexp.MustCompile(`(?m)^ +smtp +\d+ +\d+ +2 +1 +1 +50\.0% `).MatchString(out) {
 			t.Errorf("tlsmgr -stats: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("node_exporter's textfile collector serves tlsmgr -stats -format openmetrics", func(t *testing.T) {
+		exporter := "/usr/bin/prometheus-node-exporter"
+		if !fileExists(exporter) {
+			skipOutsideCI(t, "needs Debian's prometheus-node-exporter (.ci/run installs it)")
+			return
+		}
+		out, err := run(t, time.Minute, p.bin, "-stats", "-format", "openmetrics", "-mailconfig", p.etc)
+		if err != nil {
+			t.Fatalf("-stats -format openmetrics: %v\n%s", err, out)
+		}
+		dir := t.TempDir()
+		os.Chmod(dir, 0o755)
+		if err := os.WriteFile(dir+"/tlsmgr.prom", []byte(out), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		cmd := exec.Command(exporter, "--web.listen-address="+addr, "--collector.disable-defaults",
+			"--collector.textfile", "--collector.textfile.directory="+dir)
+		var logs bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &logs, &logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { cmd.Process.Kill(); cmd.Wait() }()
+		var metrics string
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			resp, err := http.Get("http://" + addr + "/metrics")
+			if err != nil {
+				continue
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			metrics = string(body)
+			break
+		}
+		var ours []string
+		for _, line := range strings.Split(metrics, "\n") {
+			if strings.HasPrefix(line, "tlsmgr_") || strings.HasPrefix(line, "node_textfile_scrape_error") {
+				ours = append(ours, line)
+			}
+		}
+		t.Logf("node_exporter's /metrics, our series:\n%s", strings.Join(ours, "\n"))
+		for _, want := range []string{"node_textfile_scrape_error 0", `tlsmgr_cache_lookups_total{cache="smtp"} 2`,
+			`tlsmgr_cache_hits_total{cache="smtp"} 1`, "tlsmgr_stats_live 1"} {
+			if !slices.Contains(ours, want) {
+				t.Errorf("node_exporter's /metrics lacks %q\n%s\n%s", want, metrics, logs.String())
+			}
 		}
 	})
 

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -216,7 +217,8 @@ func runStandalone(args []string) {
 	fs := flag.NewFlagSet("tlsmgr", flag.ExitOnError)
 	listen := fs.String("listen", "", "serve the tlsmgr protocol on this UNIX `socket`")
 	query := fs.Bool("query", false, "send one request to -socket and print the reply: REQUEST ARGS...")
-	stats := fs.Bool("stats", false, "print the statistics and cache sizes kept in the session database, and exit")
+	stats := fs.Bool("stats", false, "print the statistics and cache sizes: the running tlsmgr's, asked on its socket, or else those kept in the session database; then exit")
+	format := fs.String("format", "table", "with -stats: table, openmetrics (node_exporter's textfile collector reads it) or json")
 	socket := fs.String("socket", "./tlsmgr.sock", "the `socket` that -query talks to")
 	tomlFile := fs.String("config", "", "TOML `file` with parameters (see tlsmgr.toml.example)")
 	dataDir := fs.String("data", "./tlsmgr-data", "`directory` for the session database and the PRNG exchange file")
@@ -257,10 +259,22 @@ func runStandalone(args []string) {
 		os.Exit(runQuery(*socket, fs.Args(), *repeat, *raw))
 	}
 	if *stats {
-		dataSet := false
-		fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "data" })
+		write, ok := statsFormats[*format]
+		if !ok {
+			fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: -format %s: use table, openmetrics or json\n", escapeText(*format))
+			os.Exit(2)
+		}
+		dataSet, socketSet := false, false
+		fs.Visit(func(f *flag.Flag) {
+			dataSet = dataSet || f.Name == "data"
+			socketSet = socketSet || f.Name == "socket"
+		})
 		cfg := standaloneConfig(*dataDir, *mailConfig, *tomlFile, *overrides, dataSet || *mailConfig == "")
-		os.Exit(runStats(cfg.mustStr("tlsmgr_database"), standaloneOwner(cfg, *userName)))
+		sock := *socket
+		if *mailConfig != "" && !socketSet { // Postfix's: master(8) starts a tlsmgr on it if none runs
+			sock = filepath.Join(cfg.mustStr("queue_directory"), "private", cfg.mustStr("tlsmgr_service_name"))
+		}
+		os.Exit(runStats(cfg.mustStr("tlsmgr_database"), sock, standaloneOwner(cfg, *userName), write))
 	}
 	if *listen == "" {
 		fmt.Fprintln(os.Stderr, "tlsmgr: ERROR: give -listen SOCKET to serve, -query to ask a running tlsmgr, or -stats")
@@ -424,8 +438,8 @@ func runShowConfig(defaults bool, args []string) int {
 // mail_owner's, and root reads nothing of it. It opens the file as
 // untrusted (store.go), refuses a file whose schema is not exactly ours,
 // reads our tables and none of the file's views, and prints no byte of
-// the file's text as it is (printStatistics).
-func runStats(path string, owner *mailOwner) int {
+// the file's text as it is (readStatsDB).
+func runStats(path, socket string, owner *mailOwner, write func(io.Writer, *statsSnapshot) error) int {
 	fail := func(format string, args ...any) int {
 		fmt.Fprintf(os.Stderr, "tlsmgr: ERROR: session cache database %s: "+format+"\n", append([]any{escapeText(path)}, args...)...)
 		return 1
@@ -434,6 +448,12 @@ func runStats(path string, owner *mailOwner) int {
 		if err := enterJail("", false, owner); err != nil {
 			return fail("%v", err)
 		}
+	}
+	if snap, err := askDaemonStats(socket); err == nil {
+		if err := write(os.Stdout, snap); err != nil {
+			return fail("%v", err)
+		}
+		return 0
 	}
 	f, err := openStatsFile(path)
 	if err != nil {
@@ -445,8 +465,12 @@ func runStats(path string, owner *mailOwner) int {
 	if why := schemaProblem(context.Background(), db); why != "" {
 		return fail("%s: not a database of this tlsmgr", why)
 	}
-	if err := printStatistics(os.Stdout, db); err != nil {
+	snap, err := readStatsDB(db)
+	if err != nil {
 		return fail("%s", escapeText(err.Error()))
+	}
+	if err := write(os.Stdout, snap); err != nil {
+		return fail("%v", err)
 	}
 	return 0
 }

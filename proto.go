@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -60,6 +61,9 @@ var requestAttrs = map[string][]wantAttr{
 	"update": {{"cache_type", attrStr}, {"cache_id", attrStr}, {"session", attrData}},
 	"delete": {{"cache_type", attrStr}, {"cache_id", attrStr}},
 	"tktkey": {{"keyname", attrData}},
+	// Ours: the counters now, for tlsmgr -stats. Postfix never sends it;
+	// only root and mail_owner may ask (handleStats).
+	"tlsmgr_stats": {},
 }
 
 // requestNames interns the request names of requestAttrs.
@@ -298,7 +302,7 @@ func (s *server) serveConn(rw clientStream, cc *clientConn, announce bool) {
 			}
 		})
 		w.buf = w.buf[:0]
-		s.handle(req, w)
+		s.handle(req, w, cc)
 		_, werr := rw.Write(w.buf)
 		clear(w.buf) // it held a seed, a key or a session: gone once sent
 		if req.name == "update" {
@@ -461,8 +465,10 @@ func (s *server) readRequest(r *attrReader) (*request, error) {
 
 // handle answers one request; the reply attributes and their order are
 // those of postfix-tlsmgr.md §2.
-func (s *server) handle(req *request, w *attrWriter) {
+func (s *server) handle(req *request, w *attrWriter, cc *clientConn) {
 	switch req.name {
+	case "tlsmgr_stats":
+		s.handleStats(w, cc)
 	case "seed":
 		s.handleSeed(req, w)
 	case "policy":
@@ -481,6 +487,45 @@ func (s *server) handle(req *request, w *attrWriter) {
 		w.int("status", statFail)
 	}
 	w.end()
+}
+
+// handleStats answers tlsmgr -stats with the counters as they are now, to
+// root and to our own user (mail_owner) only, by the peer's credentials on
+// the UNIX socket; anyone else gets FAIL, with a warning.
+func (s *server) handleStats(w *attrWriter, cc *clientConn) {
+	uid, ok := peerUID(cc)
+	if !ok || (uid != 0 && uid != os.Geteuid()) {
+		msg.warnLimited("stats request", "tlsmgr_stats request from uid %d on %s: only root and mail_owner may ask; refused", uid, s.streamName)
+		w.int("status", statFail)
+		return
+	}
+	w.int("status", statOK)
+	for _, kv := range s.store.liveStats() {
+		w.str(kv[0], kv[1])
+	}
+}
+
+// peerUID is the uid of the process at the other end of a UNIX socket.
+func peerUID(cc *clientConn) (int, bool) {
+	if cc == nil {
+		return -1, false
+	}
+	uc, ok := cc.Conn.(*net.UnixConn)
+	if !ok {
+		return -1, false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return -1, false
+	}
+	var cred *syscall.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil || cerr != nil {
+		return -1, false
+	}
+	return int(cred.Uid), true
 }
 
 func (s *server) handleSeed(req *request, w *attrWriter) {

@@ -51,7 +51,7 @@ func FuzzRequests(f *testing.F) {
 				continue
 			}
 			w.buf = w.buf[:0]
-			srv.handle(req, w)
+			srv.handle(req, w, nil)
 			reply := w.buf
 			if !bytes.HasPrefix(reply, []byte("status\x00")) || !bytes.HasSuffix(reply, []byte("\x00\x00")) {
 				t.Fatalf("input %q: malformed reply %q", input, reply)

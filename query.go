@@ -136,7 +136,10 @@ func runQuery(socket string, args []string, repeat int, raw bool) int {
 const maxReplyAttrs = 16
 
 // readList reads one attr0 list as name/value pairs.
-func readList(r *attrReader) ([][2]string, error) {
+func readList(r *attrReader) ([][2]string, error) { return readListMax(r, maxReplyAttrs) }
+
+// readListMax is readList for a list of at most max attributes.
+func readListMax(r *attrReader, max int) ([][2]string, error) {
 	var list [][2]string
 	for {
 		name, err := r.token("reply attribute name")
@@ -146,8 +149,8 @@ func readList(r *attrReader) ([][2]string, error) {
 		if len(name) == 0 {
 			return list, nil
 		}
-		if len(list) == maxReplyAttrs {
-			return nil, fmt.Errorf("more than %d attributes in one reply", maxReplyAttrs)
+		if len(list) == max {
+			return nil, fmt.Errorf("more than %d attributes in one reply", max)
 		}
 		n := string(name)
 		value, err := r.token("reply attribute value")

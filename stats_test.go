@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -80,7 +81,11 @@ func TestCountersFollowRequests(t *testing.T) {
 	}
 
 	var out bytes.Buffer
-	if err := printStatistics(&out, st.reader); err != nil {
+	snap, err := readStatsDB(st.reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeStatsTable(&out, snap); err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range []string{
@@ -136,5 +141,89 @@ func TestStatsCommand(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "nowhere")); err == nil {
 		t.Error("-stats created the data directory")
+	}
+}
+
+// -stats right after a store shows the store: it asks the running daemon
+// (tlsmgr_stats) instead of reading counters written up to 5 s ago; it
+// falls back to the database when no daemon answers. Every format.
+func TestStatsFromTheRunningDaemon(t *testing.T) {
+	s := newStandalone(t)
+	s.start()
+	c, _ := s.dialWithin(5 * time.Second)
+	if got := c.req("request", "update", "cache_type", "smtp", "cache_id", "id1", "session", b64("hello")); got != "status=0" {
+		t.Fatalf("update: %s", got)
+	}
+	stats := func(format string) string {
+		t.Helper()
+		out, err := exec.Command(tlsmgrBinary(t), "-stats", "-format", format, "-socket", s.sock, "-data", s.data,
+			"-user", s.owner).CombinedOutput()
+		if err != nil {
+			t.Fatalf("-stats -format %s: %v\n%s", format, err, out)
+		}
+		return string(out)
+	}
+	table := stats("table")
+	if !strings.Contains(table, "from the running tlsmgr") || !regexp.MustCompile(`(?m)^ +smtp +1 +5 +0 +0 +0 +- +0 +1 `).MatchString(table) {
+		t.Errorf("-stats right after a store:\n%s", table)
+	}
+	om := stats("openmetrics")
+	for _, want := range []string{
+		"# TYPE tlsmgr_cache_stores_total counter\n", `tlsmgr_cache_stores_total{cache="smtp"} 1` + "\n",
+		"# HELP tlsmgr_cache_entries ", `tlsmgr_cache_entries{cache="smtp"} 1` + "\n", "tlsmgr_stats_live 1\n",
+		"# TYPE tlsmgr_seed_bytes_total counter\n",
+	} {
+		if !strings.Contains(om, want) {
+			t.Errorf("openmetrics lacks %q:\n%s", want, om)
+		}
+	}
+	var js struct {
+		Live   bool `json:"live"`
+		Caches map[string]struct {
+			Entries  int64            `json:"entries"`
+			Counters map[string]int64 `json:"counters"`
+		} `json:"caches"`
+	}
+	if err := json.Unmarshal([]byte(stats("json")), &js); err != nil || !js.Live || js.Caches["smtp"].Counters["stores"] != 1 || js.Caches["smtp"].Entries != 1 {
+		t.Errorf("json: %v %+v", err, js)
+	}
+	s.stop()
+	if table := stats("table"); strings.Contains(table, "running") || !regexp.MustCompile(`(?m)^ +smtp +1 +5 +0 +0 +0 +- +0 +1 `).MatchString(table) {
+		t.Errorf("-stats after the daemon exited (from the database):\n%s", table)
+	}
+	if out, err := exec.Command(tlsmgrBinary(t), "-stats", "-format", "xml", "-data", s.data).CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "-format xml: use table, openmetrics or json") {
+		t.Errorf("-format xml: %v %s", err, out)
+	}
+}
+
+// Only root and mail_owner may ask a running tlsmgr for its counters: the
+// peer's credentials on the UNIX socket decide.
+func TestStatsRequestRefusedToOthers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		skipOutsideCI(t, "needs root: a client of another uid")
+	}
+	s := startServer(t, allCaches(3600))
+	if snap, err := askDaemonStats(s.sock); err != nil || !snap.live {
+		t.Fatalf("root's request: %v", err)
+	}
+	os.Chmod(filepath.Dir(filepath.Dir(s.sock)), 0o755)
+	os.Chmod(filepath.Dir(s.sock), 0o755)
+	os.Chmod(s.sock, 0o777)
+	logged := captureLog(t)
+	script := `import socket,sys
+s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5)
+buf=b""
+while buf.count(b"\0\0")<1: buf+=s.recv(4096)
+s.sendall(b"request\0tlsmgr_stats\0\0")
+rep=b""
+while not rep.endswith(b"\0\0"): rep+=s.recv(4096)
+print(rep.replace(b"\0", b" ").decode())`
+	out, err := exec.Command("setpriv", "--reuid=1", "--regid=1", "--clear-groups", "/usr/bin/python3", "-c", script, s.sock).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "status 4294967294" { // -2, FAIL, as attr0 sends it
+		t.Errorf("another uid's request: %v %q", err, out)
+	}
+	if !strings.Contains(logged(), "tlsmgr_stats request from uid 1") {
+		t.Errorf("no warning: %s", logged())
 	}
 }

@@ -212,7 +212,7 @@ func answer(t *testing.T, srv *server, req string) string {
 		t.Fatalf("request %q: %v", req, err)
 	}
 	w := &attrWriter{}
-	srv.handle(parsed, w)
+	srv.handle(parsed, w, nil)
 	return string(w.buf)
 }
 
