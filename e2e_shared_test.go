@@ -12,7 +12,6 @@ package main
 
 import (
 	"fmt"
-	"net/smtp"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -134,7 +133,7 @@ func TestEndToEndSharedStore(t *testing.T) {
 	t.Run("with PostgreSQL stopped, hosts offer STARTTLS and resume on the same host", func(t *testing.T) {
 		for _, p := range []*postfixInstance{a, b} {
 			for i := range 3 {
-				conn, err := smtp.Dial(fmt.Sprintf("%s:%d", p.addr, port))
+				conn, err := smtpDial(fmt.Sprintf("%s:%d", p.addr, port))
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -300,7 +300,7 @@ func TestEndToEndWithPostfix(t *testing.T) {
 	}
 
 	t.Run("smtpd offers STARTTLS: its seed request succeeded", func(t *testing.T) {
-		c, err := smtp.Dial(fmt.Sprintf("127.0.0.1:%d", p.testPort))
+		c, err := smtpDial(fmt.Sprintf("127.0.0.1:%d", p.testPort))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -491,10 +491,27 @@ func contains(list []string, s string) bool {
 	return false
 }
 
+// smtpDial is smtp.Dial with a deadline on the whole conversation: a
+// tlsmgr that never answers holds smtpd (which waits for its seed) and
+// must fail the test, not hang it.
+func smtpDial(addr string) (*smtp.Client, error) {
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	host, _, _ := net.SplitHostPort(addr)
+	c, err := smtp.NewClient(conn, host)
+	if err != nil {
+		conn.Close()
+	}
+	return c, err
+}
+
 // submit hands smtpd one message in plain text (smtp.SendMail would insist
 // on STARTTLS and a certificate it can verify).
 func submit(addr, rcpt string) error {
-	c, err := smtp.Dial(addr)
+	c, err := smtpDial(addr)
 	if err != nil {
 		return err
 	}
