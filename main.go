@@ -848,7 +848,17 @@ func (d *daemon) startShared() {
 		keys.setSource(sh)
 	}
 	sh.start(sweep)
-	msg.info("sharing session ticket keys%s with realm %s in %s", map[bool]string{true: " and the " + strings.Join(sc.caches, ", ") + " caches", false: ""}[len(sweep) > 0], sh.realm, sh.dsn)
+	var what []string
+	if sk != nil {
+		what = append(what, "session ticket keys")
+	}
+	for _, c := range sweep {
+		what = append(what, "the "+c.label+" cache")
+	}
+	if len(what) == 0 {
+		what = append(what, "nothing (ticket keys are off and no shared cache is on)")
+	}
+	msg.info("sharing %s with realm %s in %s", strings.Join(what, ", "), sh.realm, sh.dsn)
 }
 
 // openStore is the part of post-init that reads the session database: it
