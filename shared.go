@@ -36,10 +36,10 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	_ "embed"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -380,7 +380,6 @@ type sharedStore struct {
 	timeout time.Duration
 	sealKey [32]byte // HKDF(secret, realm): rows are sealed under keys derived from it
 	keys    *ticketKeys
-	caches  map[string]bool
 	now     func() time.Time
 
 	failures atomic.Int32
@@ -415,12 +414,9 @@ type sharedStore struct {
 // newSharedStore makes the running store from what pre-init prepared, and
 // wipes the secret there. keys may be nil (smtpd timeout 0: no keys).
 func newSharedStore(sc *sharedConfig, keys *ticketKeys) (*sharedStore, error) {
-	sh := &sharedStore{realm: sc.realm, timeout: sc.timeout, keys: keys, caches: map[string]bool{},
+	sh := &sharedStore{realm: sc.realm, timeout: sc.timeout, keys: keys,
 		now: time.Now, wake: make(chan struct{}, 1), stop: make(chan struct{}), ready: make(chan struct{}),
 		startBy: time.Now().Add(min(openWait, sc.timeout))}
-	for _, c := range sc.caches {
-		sh.caches[c] = true
-	}
 	sh.ctx, sh.cancel = context.WithCancel(context.Background())
 	key, err := hkdf.Key(sha256.New, sc.secret[:], nil, "tlsmgr shared store v1\x00"+sc.realm, 32)
 	clear(sc.secret[:])
@@ -1046,7 +1042,7 @@ func (sh *sharedStore) runSweeper(c *cache) {
 	defer sh.wg.Done()
 	period := time.Duration(c.timeout) * time.Second
 	for {
-		t := time.NewTimer(period/2 + time.Duration(mrandN(int64(period))))
+		t := time.NewTimer(period/2 + mrand.N(max(period, 1)))
 		select {
 		case <-sh.stop:
 			t.Stop()
@@ -1055,12 +1051,6 @@ func (sh *sharedStore) runSweeper(c *cache) {
 		}
 		sh.sweep(c)
 	}
-}
-
-func mrandN(n int64) int64 {
-	var b [8]byte
-	rand.Read(b[:])
-	return int64(binary.LittleEndian.Uint64(b[:])>>1) % max(n, 1)
 }
 
 // sweep deletes expired rows in batches until none is left (or we exit).
