@@ -266,16 +266,25 @@ func plant(t *testing.T, db string, version int, change ...string) {
 	}
 	defer h.Close()
 	h.SetMaxOpenConns(1)
-	for _, q := range append(append([]string{"PRAGMA journal_mode = WAL", schemaSQL}, change...), fmt.Sprintf("PRAGMA user_version = %d", version), "PRAGMA wal_checkpoint(TRUNCATE)") {
+	schema := schemaSQL
+	if version == schemaVersion-1 { // as that version made it, so that only change differs
+		b, err := os.ReadFile("testdata/schema-v4.sql")
+		if err != nil {
+			t.Fatal(err)
+		}
+		schema = string(b)
+	}
+	for _, q := range append(append([]string{"PRAGMA journal_mode = WAL", schema}, change...), fmt.Sprintf("PRAGMA user_version = %d", version), "PRAGMA wal_checkpoint(TRUNCATE)") {
 		if _, err := h.Exec(q); err != nil {
 			t.Fatalf("plant %s: %v", q, err)
 		}
 	}
 }
 
-// plantedVersions: an older tlsmgr (schema version 3) continued a kept
-// database of its own version, so the planted file is tried as both.
-var plantedVersions = []int{3, schemaVersion}
+// plantedVersions: older tlsmgrs (schema versions 3 and 4) continued a kept
+// database of their own version, and version 4's is brought up to this
+// one, so the planted file is tried as each.
+var plantedVersions = []int{3, 4, schemaVersion}
 
 // A kept database whose ticket_keys is a view that never ends: tlsmgr with
 // tlsmgr_keep_ticket_keys read it as root, before its watchdog ran, and hung

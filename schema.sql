@@ -24,7 +24,9 @@
 -- ids. Two ids with one hash cannot both be kept; the later replaces the
 -- earlier, as a cache may. To find a row by hand, `WHERE id = '...'` works
 -- (it reads the whole table).
-PRAGMA user_version = 4; -- the schema's version: a kept database of another version, or whose schema differs from this file's in any way, is emptied
+PRAGMA user_version = 5; -- the schema's version: a kept database of another version, or whose schema differs from this file's in any way, is emptied
+-- (a kept version 4 database is first brought to version 5 as SQLite's ALTER TABLE ... ADD COLUMN
+-- would, which is why each table's last column, peer_rpk, stands where ALTER TABLE puts it)
 
 CREATE TABLE IF NOT EXISTS smtpd_cache (
     hash    INTEGER PRIMARY KEY, -- SHA-256(id)'s first 63 bits: the rowid
@@ -54,7 +56,9 @@ CREATE TABLE IF NOT EXISTS smtpd_cache (
     -- and a backslash \\; in the two names, which RFC 4514 escapes already
     -- (a backslash is \\ there), each such byte is RFC 4514's \HH: ESC is
     -- \x1b in sni and \1b in a name.
-);
+, peer_rpk INTEGER); -- 1: the peer sent a raw public key (RFC 7250), and peer_fingerprint is the SHA-256 of
+                     -- its SubjectPublicKeyInfo (Postfix's pkey_fingerprint); 0: a certificate; NULL: neither,
+                     -- or a row stored before schema version 5
 CREATE INDEX IF NOT EXISTS smtpd_cache_expires ON smtpd_cache (expires);
 
 CREATE TABLE IF NOT EXISTS smtp_cache (
@@ -62,7 +66,7 @@ CREATE TABLE IF NOT EXISTS smtp_cache (
     protocol TEXT, cipher TEXT, session_time INTEGER, session_timeout INTEGER, sni TEXT,
     ticket INTEGER, ticket_lifetime INTEGER, verify_result INTEGER,
     peer_subject TEXT, peer_issuer TEXT, peer_fingerprint TEXT, peer_not_after INTEGER
-);
+, peer_rpk INTEGER);
 CREATE INDEX IF NOT EXISTS smtp_cache_expires ON smtp_cache (expires);
 
 CREATE TABLE IF NOT EXISTS lmtp_cache (
@@ -70,7 +74,7 @@ CREATE TABLE IF NOT EXISTS lmtp_cache (
     protocol TEXT, cipher TEXT, session_time INTEGER, session_timeout INTEGER, sni TEXT,
     ticket INTEGER, ticket_lifetime INTEGER, verify_result INTEGER,
     peer_subject TEXT, peer_issuer TEXT, peer_fingerprint TEXT, peer_not_after INTEGER
-);
+, peer_rpk INTEGER);
 CREATE INDEX IF NOT EXISTS lmtp_cache_expires ON lmtp_cache (expires);
 
 -- Every cached session, without its key material.
@@ -81,18 +85,18 @@ SELECT cache, id, size,
        CAST(strftime('%s', 'now') AS INTEGER) - stored AS age,
        protocol, cipher, sni, ticket, ticket_lifetime, verify_result,
        peer_subject, peer_issuer, peer_fingerprint,
-       strftime('%Y-%m-%dT%H:%M:%SZ', peer_not_after, 'unixepoch') AS peer_not_after
+       strftime('%Y-%m-%dT%H:%M:%SZ', peer_not_after, 'unixepoch') AS peer_not_after, peer_rpk
 FROM (
     SELECT 'smtpd' AS cache, id, length(session) AS size, stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM smtpd_cache
     UNION ALL
     SELECT 'smtp', id, length(session), stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM smtp_cache
     UNION ALL
     SELECT 'lmtp', id, length(session), stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM lmtp_cache
 );
 

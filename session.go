@@ -20,7 +20,11 @@
 //	    psk_identity_hint [7], psk_identity [8]   OPTIONAL,  -- secret enough
 //	    ticket_lifetime_hint [9] EXPLICIT INTEGER OPTIONAL,
 //	    ticket        [10] EXPLICIT OCTET STRING OPTIONAL,  -- secret
-//	    ...                                                  -- [11]..[20]: ignored
+//	    comp_id [11], srp_username [12], flags [13], ticket_age_add [14],
+//	    max_early_data [15], alpn_selected [16], max_fragment_len_mode [17],
+//	    ticket_appdata [18], kex_group [19]                  -- skipped
+//	    peer_rpk      [20] EXPLICIT OCTET STRING OPTIONAL,  -- OpenSSL 3.2+: the
+//	                                 -- peer's raw public key (RFC 7250), a DER SubjectPublicKeyInfo
 //	}
 //
 // (OpenSSL's ssl/ssl_asn1.c). The blob stays opaque to the protocol: it is
@@ -54,14 +58,18 @@ type sessionInfo struct {
 	sni            string // the server name the client asked for; "" = none
 	hasTicket      bool   // it resumes by RFC 5077 / TLS 1.3 ticket
 	ticketLifetime int64  // the server's lifetime hint, seconds
-	verifyResult   int64  // OpenSSL's X509_V_* result of the peer's certificate
+	verifyResult   int64  // OpenSSL's X509_V_* result of the peer's certificate or raw key
 	peer           *peerCert
+	// rawKey: the peer authenticated with a raw public key (RFC 7250,
+	// Postfix 3.10's *_tls_enable_rpk), not a certificate; peer then has
+	// only its fingerprint, the SHA-256 of the SubjectPublicKeyInfo.
+	rawKey bool
 }
 
 // peerCert is the part of the peer's certificate an administrator asks for.
 type peerCert struct {
 	subject, issuer string // RFC 2253, as openssl x509 -nameopt RFC2253 prints them; controls as \HH
-	fingerprint     string // SHA-256 of the DER, colon-separated upper-case hex, as Postfix logs it
+	fingerprint     string // SHA-256 of the DER (a raw key's: of its SubjectPublicKeyInfo), colon-separated upper-case hex, as Postfix logs it
 	notAfter        int64  // UNIX time; 0 when the validity does not parse
 }
 
@@ -85,6 +93,19 @@ type sslSessionASN1 struct {
 	PSKIdentity  asn1.RawValue `asn1:"optional,explicit,tag:8"`
 	TickLifetime int64         `asn1:"optional,explicit,tag:9"`
 	Ticket       asn1.RawValue `asn1:"optional,explicit,tag:10"`
+	// [11]..[19] are only stepped over: encoding/asn1 tries each field at
+	// the next element and ignores what follows the last field, so [20]
+	// is reached only when every field before it may take its element.
+	CompID        asn1.RawValue `asn1:"optional,explicit,tag:11"`
+	SRPUsername   asn1.RawValue `asn1:"optional,explicit,tag:12"`
+	Flags         asn1.RawValue `asn1:"optional,explicit,tag:13"`
+	TickAgeAdd    asn1.RawValue `asn1:"optional,explicit,tag:14"`
+	MaxEarlyData  asn1.RawValue `asn1:"optional,explicit,tag:15"`
+	ALPN          asn1.RawValue `asn1:"optional,explicit,tag:16"`
+	MaxFragLen    asn1.RawValue `asn1:"optional,explicit,tag:17"`
+	TicketAppData asn1.RawValue `asn1:"optional,explicit,tag:18"`
+	KexGroup      asn1.RawValue `asn1:"optional,explicit,tag:19"`
+	PeerRPK       asn1.RawValue `asn1:"optional,explicit,tag:20"`
 }
 
 var errNotSession = errors.New("not an OpenSSL SSL_SESSION")
@@ -114,8 +135,30 @@ func decodeSession(blob []byte) (*sessionInfo, error) {
 	}
 	if len(s.Peer.Bytes) > 0 { // an explicit tag: Bytes is the Certificate inside it
 		info.peer = peerCerts.get(s.Peer.Bytes)
+	} else if spki := rawPublicKey(s.PeerRPK.Bytes); spki != nil {
+		sum := sha256.Sum256(spki)
+		info.peer, info.rawKey = &peerCert{fingerprint: colonHex(sum[:])}, true
 	}
 	return info, nil
+}
+
+// rawPublicKey is the SubjectPublicKeyInfo in field [20]'s OCTET STRING
+// (Bytes of the explicit tag), or nil when there is none or it is not one
+// DER SEQUENCE. The fingerprint is taken over these bytes, as Postfix's
+// tls_pkey_fprint digests i2d_PUBKEY's output, which OpenSSL stored here.
+func rawPublicKey(field []byte) []byte {
+	if len(field) == 0 {
+		return nil
+	}
+	var octets asn1.RawValue
+	if rest, err := asn1.Unmarshal(field, &octets); err != nil || len(rest) != 0 ||
+		octets.Class != asn1.ClassUniversal || octets.Tag != asn1.TagOctetString || octets.IsCompound {
+		return nil
+	}
+	if !isOneDERSequence(octets.Bytes) {
+		return nil
+	}
+	return octets.Bytes
 }
 
 // isOneDERSequence reports whether blob is a single DER SEQUENCE, as

@@ -6,7 +6,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 )
 
 // The sessions under testdata/sessions were written by OpenSSL itself
@@ -14,15 +16,83 @@ import (
 // says about NAME.pem.
 const testCertFingerprint = "0B:AC:6E:A6:C5:53:65:30:54:8E:1B:C4:D8:F2:58:5E:D7:C8:35:26:B3:88:07:8C:98:B4:20:85:DC:5E:D8:BD"
 
+// peer says what the peer sent: "cert" (cert.pem), "rpk-cert"
+// (rpk-cert.pem, checked against rpk-cert.txt, openssl x509's reading), a
+// raw key ("rpk": the fingerprint is the one in NAME.rpk.txt, openssl
+// dgst's over field [20]), or nothing ("").
 var decodeCases = []struct {
 	file, protocol, cipher, sni string
-	ticket, peer                bool
+	ticket                      bool
+	peer                        string
 }{
-	{"tls12-ticket-sni", "TLSv1.2", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "mx.example.org", true, true},
-	{"tls13-ticket-sni", "TLSv1.3", "TLS_AES_256_GCM_SHA384", "mx.example.org", true, true},
-	{"tls12-noticket", "TLSv1.2", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "", false, true},
-	{"tls12-anon", "TLSv1.2", "TLS_DH_anon_WITH_AES_256_GCM_SHA384", "", true, false},
-	{"tls13-psk", "TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256", "", true, false},
+	{"tls12-ticket-sni", "TLSv1.2", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "mx.example.org", true, "cert"},
+	{"tls13-ticket-sni", "TLSv1.3", "TLS_AES_256_GCM_SHA384", "mx.example.org", true, "cert"},
+	{"tls12-noticket", "TLSv1.2", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "", false, "cert"},
+	{"tls12-anon", "TLSv1.2", "TLS_DH_anon_WITH_AES_256_GCM_SHA384", "", true, ""},
+	{"tls13-psk", "TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256", "", true, ""},
+	// OpenSSL 3.5 (Debian 13): raw public keys, RFC 7250. Its s_server did
+	// not acknowledge the name the client sent: the sessions have no [6]
+	// (openssl asn1parse), so no SNI.
+	{"tls13-rpk", "TLSv1.3", "TLS_AES_256_GCM_SHA384", "", true, "rpk"},
+	{"tls12-rpk", "TLSv1.2", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "", true, "rpk"},
+	{"tls13-rpk-offered", "TLSv1.3", "TLS_AES_256_GCM_SHA384", "", true, "rpk-cert"},
+}
+
+// oraclePeer is what OpenSSL's own tools say of the peer of a decodeCases
+// session, or nil when it had none.
+func oraclePeer(t *testing.T, file, peer string) *peerCert {
+	t.Helper()
+	switch peer {
+	case "cert":
+		return &peerCert{
+			subject:     "CN=mx.example.org,O=Example Mail,C=DE",
+			issuer:      "CN=mx.example.org,O=Example Mail,C=DE",
+			fingerprint: testCertFingerprint,
+			notAfter:    2110861117, // openssl x509 -enddate: Nov 21 06:18:37 2036 GMT
+		}
+	case "rpk-cert":
+		notAfter, err := time.Parse("Jan _2 15:04:05 2006 MST", oracleLine(t, "rpk-cert.txt", "notAfter=", false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &peerCert{
+			subject:     oracleLine(t, "rpk-cert.txt", "subject=", false),
+			issuer:      oracleLine(t, "rpk-cert.txt", "issuer=", false),
+			fingerprint: oracleLine(t, "rpk-cert.txt", "sha256 Fingerprint=", false),
+			notAfter:    notAfter.Unix(),
+		}
+	case "rpk":
+		// Only the key's fingerprint: a raw key has no names and no expiry.
+		if !strings.Contains(oracleLine(t, file+".rpk.txt", "the server's key (rpk-pub.pem) is this key: ", false), "yes") {
+			t.Fatalf("%s.rpk.txt: field [20] is not the server's key", file)
+		}
+		return &peerCert{fingerprint: oracleLine(t, file+".rpk.txt", "openssl dgst -sha256 -c:", true)}
+	}
+	return nil
+}
+
+// oracleLine is the line after the one that starts with label in a
+// testdata/sessions text file (an oracle), or the rest of the line that
+// starts with label when after is false.
+func oracleLine(t *testing.T, file, label string, after bool) string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata/sessions", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(data), "\n")
+	for i, l := range lines {
+		if strings.HasPrefix(l, label) {
+			if !after {
+				return strings.TrimPrefix(l, label)
+			}
+			if i+1 < len(lines) {
+				return strings.TrimSpace(lines[i+1])
+			}
+		}
+	}
+	t.Fatalf("%s: no line %q", file, label)
+	return ""
 }
 
 // testSession returns the DER of one committed session.
@@ -85,20 +155,18 @@ func TestDecodeOpenSSLSessions(t *testing.T) {
 			if info.sni != tc.sni || info.hasTicket != tc.ticket {
 				t.Errorf("sni %q ticket %v, want %q %v", info.sni, info.hasTicket, tc.sni, tc.ticket)
 			}
-			if !tc.peer {
-				if info.peer != nil {
-					t.Errorf("peer %+v, want none", info.peer)
+			want := oraclePeer(t, tc.file, tc.peer)
+			if want == nil {
+				if info.peer != nil || info.rawKey {
+					t.Errorf("peer %+v (raw key %v), want none", info.peer, info.rawKey)
 				}
 				return
 			}
-			want := peerCert{
-				subject:     "CN=mx.example.org,O=Example Mail,C=DE",
-				issuer:      "CN=mx.example.org,O=Example Mail,C=DE",
-				fingerprint: testCertFingerprint,
-				notAfter:    2110861117, // openssl x509 -enddate: Nov 21 06:18:37 2036 GMT
-			}
-			if info.peer == nil || *info.peer != want {
+			if info.peer == nil || *info.peer != *want {
 				t.Errorf("peer %+v, want %+v", info.peer, want)
+			}
+			if info.rawKey != (tc.peer == "rpk") {
+				t.Errorf("raw key %v, want %v", info.rawKey, tc.peer == "rpk")
 			}
 		})
 	}

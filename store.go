@@ -205,8 +205,9 @@ type hiddenEntry struct{ cache, id string }
 const maxHidden = 10000
 
 // schemaVersion is schema.sql's user_version: a kept database of another
-// version is set aside.
-const schemaVersion = 4
+// version is set aside, but for one of the version before, which is
+// brought to this one (upgradeKept).
+const schemaVersion = 5
 
 // cacheConfig is what newStore needs to know about one cache.
 type cacheConfig struct {
@@ -450,8 +451,9 @@ const keptCheckLimit = 10 * time.Second
 
 // checkKept says what is wrong with a kept database, or "": it must be a
 // WAL database of our schema version whose sqlite_schema is exactly ours
-// (so it has no view, trigger or table of anyone else's to run), and it
-// must pass SQLite's quick_check. The check itself runs with the
+// (so it has no view, trigger or table of anyone else's to run), or
+// exactly the version before's, which is then brought to ours
+// (upgradeKept), and it must pass SQLite's quick_check first. The check itself runs with the
 // untrusted-file settings, as the first statements on the file. When it
 // passes, it also reads the kept ticket keys, if they are kept: reading
 // waits for no other process.
@@ -463,7 +465,8 @@ func (s *store) checkKept(ctx context.Context, name string) (why string, keys []
 	defer db.Close()
 	ctx, cancel := context.WithTimeout(ctx, keptCheckLimit)
 	defer cancel()
-	if why := schemaProblem(ctx, db); why != "" {
+	version, why := keptSchemaProblem(ctx, db)
+	if why != "" {
 		return why, nil, nil
 	}
 	var mode string
@@ -477,10 +480,82 @@ func (s *store) checkKept(ctx context.Context, name string) (why string, keys []
 	if check != "ok" {
 		return "is damaged (quick_check: " + sanitize(check) + ")", nil, nil
 	}
+	if version != schemaVersion {
+		if why := upgradeKept(ctx, db); why != "" {
+			return why, nil, nil
+		}
+		msg.info("session cache database %s: brought from schema version %d to %d", s.path, version, schemaVersion)
+	}
 	if s.keepKeys {
 		keys, keysErr = readTicketKeys(ctx, db)
 	}
 	return "", keys, keysErr
+}
+
+// keptSchemaProblem is schemaProblem for a kept database, which may also
+// be exactly the version before's (ourSchemaBefore): it says which.
+func keptSchemaProblem(ctx context.Context, db schemaReader) (version int, why string) {
+	if err := db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
+		return 0, "is damaged (" + err.Error() + ")"
+	}
+	if version == schemaVersion-1 {
+		return version, schemaDiffers(ctx, db, version, ourSchemaBefore)
+	}
+	return version, schemaProblem(ctx, db)
+}
+
+// upgradeKept brings a kept database that is exactly the version before
+// schema.sql's (keptSchemaProblem), in WAL mode and whole (quick_check), to
+// schema.sql's, in one write transaction that ends with schemaProblem's
+// exact check as well: version 4 lacked peer_rpk, which each table gets as
+// ALTER TABLE ... ADD COLUMN writes it into the table's SQL (schema.sql
+// has it there for that reason), and the views that show it are made
+// again. Rows stored before keep NULL there. Like every check, it runs once
+// no uid is root's, and on nothing but our own schema: ALTER TABLE and
+// DROP VIEW run no trigger and read no view.
+func upgradeKept(ctx context.Context, db *sql.DB) string {
+	fail := func(err error) string {
+		return fmt.Sprintf("has schema version %d and cannot be brought to %d (%s)", schemaVersion-1, schemaVersion, sanitize(err.Error()))
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	defer conn.Close()
+	// IMMEDIATE: the write lock from the start, so that no other writer
+	// can change the file between this transaction's read and its write.
+	if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+		return fail(err)
+	}
+	done := false
+	defer func() {
+		if !done {
+			conn.ExecContext(context.Background(), "ROLLBACK")
+		}
+	}()
+	steps := []string{"DROP VIEW cache_stats", "DROP VIEW sessions"}
+	for _, label := range cacheLabels {
+		steps = append(steps, "ALTER TABLE "+label+"_cache ADD COLUMN peer_rpk INTEGER")
+	}
+	for _, q := range append(steps, schemaSQL) {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			return fail(err)
+		}
+	}
+	if why := schemaProblem(ctx, conn); why != "" {
+		return fmt.Sprintf("has schema version %d and, brought to %d, %s", schemaVersion-1, schemaVersion, why)
+	}
+	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+		return fail(err)
+	}
+	done = true
+	return ""
+}
+
+// schemaReader is a *sql.DB, *sql.Conn or *sql.Tx.
+type schemaReader interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 }
 
 // tellKeptKeys calls keptKeys, once.
@@ -495,8 +570,13 @@ func (s *store) tellKeptKeys(keys []ticketKey, err error) {
 // schemaProblem says how a database's schema differs from schema.sql's, or
 // "" when it is the same: every table, index and view, with its SQL text,
 // and the user_version. Reading sqlite_schema runs nothing the file defines.
-func schemaProblem(ctx context.Context, db *sql.DB) string {
-	want, err := ourSchema()
+func schemaProblem(ctx context.Context, db schemaReader) string {
+	return schemaDiffers(ctx, db, schemaVersion, ourSchema)
+}
+
+// schemaDiffers is schemaProblem against one version's schema.
+func schemaDiffers(ctx context.Context, db schemaReader, wantVersion int, schema func() (map[string]string, error)) string {
+	want, err := schema()
 	if err != nil {
 		return "cannot be compared with our schema (" + err.Error() + ")"
 	}
@@ -504,8 +584,8 @@ func schemaProblem(ctx context.Context, db *sql.DB) string {
 	if err := db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
 		return "is damaged (" + err.Error() + ")"
 	}
-	if version != schemaVersion {
-		return fmt.Sprintf("has schema version %d, not %d", version, schemaVersion)
+	if version != wantVersion {
+		return fmt.Sprintf("has schema version %d, not %d", version, wantVersion)
 	}
 	have, err := readSchema(ctx, db)
 	if err != nil {
@@ -528,7 +608,7 @@ func schemaProblem(ctx context.Context, db *sql.DB) string {
 
 // readSchema is sqlite_schema by "type name on tbl_name", without the root
 // pages, which differ from file to file.
-func readSchema(ctx context.Context, db *sql.DB) (map[string]string, error) {
+func readSchema(ctx context.Context, db schemaReader) (map[string]string, error) {
 	rows, err := db.QueryContext(ctx, "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_schema")
 	if err != nil {
 		return nil, err
@@ -561,6 +641,22 @@ var ourSchema = sync.OnceValues(func() (map[string]string, error) {
 		return nil, err
 	}
 	return readSchema(context.Background(), db)
+})
+
+// ourSchemaBefore is the previous version's schema (4) as SQLite records
+// it: schema.sql's without peer_rpk, the one thing version 5 added to a
+// table or view (TestSchemaBefore compares it with testdata/schema-v4.sql,
+// version 4's schema.sql).
+var ourSchemaBefore = sync.OnceValues(func() (map[string]string, error) {
+	now, err := ourSchema()
+	if err != nil {
+		return nil, err
+	}
+	before := map[string]string{}
+	for key, text := range now {
+		before[key] = strings.ReplaceAll(strings.ReplaceAll(text, ", peer_rpk INTEGER", ""), ", peer_rpk", "")
+	}
+	return before, nil
 })
 
 // continueKept keeps of a previous process's database what the options
@@ -724,7 +820,7 @@ func (s *store) prepare(c *cache) error {
 		{&c.sizeStmt, "SELECT length(session) FROM " + t + " WHERE hash = ?"},
 		{&c.expireStmt, "DELETE FROM " + t + " WHERE hash = ? AND id = ? AND expires < ? RETURNING length(session)"},
 		{&c.updateStmt, "INSERT INTO " + t + " (hash, id, session, stored, expires, " + decodedColumns + ")" +
-			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO UPDATE SET" +
+			" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO UPDATE SET" +
 			" id = excluded.id, session = excluded.session, stored = excluded.stored, expires = excluded.expires" + decodedUpdates},
 		{&c.deleteStmt, "DELETE FROM " + t + " WHERE hash = ? AND id = ? RETURNING length(session)"},
 		{&c.sweepStmt, "DELETE FROM " + t + " WHERE rowid IN (SELECT rowid FROM " + t + " WHERE expires <= ? LIMIT ?) RETURNING length(session)"},
@@ -751,7 +847,7 @@ func rowKey(id string) int64 {
 
 // decodedColumns are the columns decodeSession fills, in decodedValues' order.
 const decodedColumns = "protocol, cipher, session_time, session_timeout, sni, ticket, ticket_lifetime," +
-	" verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after"
+	" verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk"
 
 var decodedUpdates = func() string {
 	var b strings.Builder
@@ -765,7 +861,7 @@ var decodedUpdates = func() string {
 // decodedValues are the column values for a session: all NULL when it
 // does not decode.
 func decodedValues(blob []byte) []any {
-	values := make([]any, 12)
+	values := make([]any, 13)
 	info, err := decodeSession(blob)
 	if err != nil {
 		return values
@@ -776,6 +872,10 @@ func decodedValues(blob []byte) []any {
 		values[8], values[9], values[10] = nullString(p.subject), nullString(p.issuer), p.fingerprint
 		if p.notAfter != 0 {
 			values[11] = p.notAfter
+		}
+		values[12] = int64(0)
+		if info.rawKey {
+			values[12] = int64(1)
 		}
 	}
 	return values

@@ -6,6 +6,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -44,18 +45,28 @@ func TestReadableSessionColumns(t *testing.T) {
 	for _, tc := range decodeCases {
 		var protocol, cipher, sni, subject, fingerprint, notAfter *string
 		var ticket *bool
-		err := asAdmin(t, st).QueryRow("SELECT protocol, cipher, sni, ticket, peer_subject, peer_fingerprint, peer_not_after FROM sessions WHERE id = ?", tc.file).
-			Scan(&protocol, &cipher, &sni, &ticket, &subject, &fingerprint, &notAfter)
+		var rawKey *int64
+		err := asAdmin(t, st).QueryRow("SELECT protocol, cipher, sni, ticket, peer_subject, peer_fingerprint, peer_not_after, peer_rpk FROM sessions WHERE id = ?", tc.file).
+			Scan(&protocol, &cipher, &sni, &ticket, &subject, &fingerprint, &notAfter, &rawKey)
 		if err != nil {
 			t.Fatalf("%s: %v", tc.file, err)
 		}
-		got := fmt.Sprint(deref(protocol), " ", deref(cipher), " sni=", deref(sni), " ticket=", ticket != nil && *ticket, " peer=", deref(subject), " ", deref(notAfter))
-		want := fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", "", " ", "")
-		if tc.peer {
-			want = fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", "CN=mx.example.org,O=Example Mail,C=DE", " ", "2036-11-21T06:18:37Z")
-			if deref(fingerprint) != testCertFingerprint {
-				t.Errorf("%s: fingerprint %s", tc.file, deref(fingerprint))
+		rpk := "NULL"
+		if rawKey != nil {
+			rpk = fmt.Sprint(*rawKey)
+		}
+		got := fmt.Sprint(deref(protocol), " ", deref(cipher), " sni=", deref(sni), " ticket=", ticket != nil && *ticket,
+			" peer=", deref(subject), " ", deref(fingerprint), " ", deref(notAfter), " rpk=", rpk)
+		want := fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", "", " ", "", " ", "", " rpk=NULL")
+		if p := oraclePeer(t, tc.file, tc.peer); p != nil {
+			after, rpk := "", "0"
+			if p.notAfter != 0 {
+				after = time.Unix(p.notAfter, 0).UTC().Format("2006-01-02T15:04:05Z")
 			}
+			if tc.peer == "rpk" {
+				rpk = "1"
+			}
+			want = fmt.Sprint(tc.protocol, " ", tc.cipher, " sni=", tc.sni, " ticket=", tc.ticket, " peer=", p.subject, " ", p.fingerprint, " ", after, " rpk=", rpk)
 		}
 		if got != want {
 			t.Errorf("%s:\n got %s\nwant %s", tc.file, got, want)
@@ -372,5 +383,122 @@ func TestKeptDatabaseDamaged(t *testing.T) {
 				t.Errorf("a session of the damaged database is served: %d", status)
 			}
 		})
+	}
+}
+
+// A database kept by the tlsmgr before peer_rpk (schema version 4, as
+// testdata/schema-v4.sql, that version's schema.sql, made it) keeps its
+// sessions and ticket keys: it is brought to version 5 in place and comes
+// out exactly schema.sql's, so the next start keeps it as it is. A
+// version 4 file with anything of its own is emptied, as any other.
+func TestKeptVersion4IsBroughtUp(t *testing.T) {
+	v4, err := os.ReadFile("testdata/schema-v4.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(v4), "PRAGMA user_version = 4;") {
+		t.Fatal("testdata/schema-v4.sql is not version 4")
+	}
+	for _, tc := range []struct {
+		name  string
+		extra []string
+		kept  bool
+	}{
+		{"as it was left", nil, true},
+		{"with a trigger of its own", []string{"CREATE TRIGGER planted AFTER INSERT ON smtp_cache BEGIN DELETE FROM ticket_keys; END"}, false},
+		{"with peer_rpk already", []string{"ALTER TABLE smtp_cache ADD COLUMN peer_rpk INTEGER"}, false},
+		// Each of these would come out of the upgrade as exactly ours, or
+		// make it run the file's own expressions (ALTER TABLE checks a
+		// STRICT table's rows): only an exact version 4 may be upgraded.
+		{"with another sessions view", []string{"DROP VIEW cache_stats", "DROP VIEW sessions", "CREATE VIEW sessions AS SELECT 1",
+			"CREATE VIEW cache_stats AS SELECT 1"}, false},
+		{"with cache_stats a table", []string{"DROP VIEW cache_stats", "CREATE TABLE cache_stats (x)"}, false},
+		{"with a STRICT table that checks its rows", []string{"DROP VIEW cache_stats", "DROP VIEW sessions", "DROP TABLE lmtp_cache",
+			"CREATE TABLE lmtp_cache (hash INTEGER PRIMARY KEY, id TEXT NOT NULL CHECK (length(id) < 1000)) STRICT"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := filepath.Join(t.TempDir(), "tlsmgr.sqlite")
+			h, err := sql.Open("sqlite", db)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h.SetMaxOpenConns(1)
+			blob := testSession(t, "tls13-rpk")
+			now := time.Now().Unix()
+			for _, q := range append(append([]string{"PRAGMA journal_mode = WAL", string(v4)}, tc.extra...),
+				fmt.Sprintf("INSERT INTO smtp_cache (hash, id, session, stored, expires, protocol) VALUES (%d, 'dest', x'%x', %d, %d, 'TLSv1.3')", rowKey("dest"), blob, now, now+3600),
+				fmt.Sprintf("INSERT INTO ticket_keys VALUES (0, x'%032x', zeroblob(32), zeroblob(32), %d)", 7, now+600),
+				"PRAGMA wal_checkpoint(TRUNCATE)") {
+				if _, err := h.Exec(q); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+			}
+			h.Close()
+
+			logged := captureLog(t)
+			st := keptStore(t, db, true, true, allCaches(3600))
+			got, status := st.lookup(st.caches["smtp"], "dest")
+			if kept := status == statOK && bytes.Equal(got, blob); kept != tc.kept {
+				t.Errorf("session kept: %v, want %v; log:\n%s", kept, tc.kept, logged())
+			}
+			keys, err := readTicketKeys(context.Background(), st.writer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kept := len(keys) == 1 && keys[0].name == [16]byte{15: 7}; kept != tc.kept {
+				t.Errorf("ticket key kept: %v (%d keys), want %v", kept, len(keys), tc.kept)
+			}
+			if tc.kept {
+				if !strings.Contains(logged(), "brought from schema version 4 to 5") || strings.Contains(logged(), "warning:") {
+					t.Errorf("log:\n%s", logged())
+				}
+			} else if strings.Count(logged(), "warning:") != 1 || !strings.Contains(logged(), "emptied it and started a new one") {
+				t.Errorf("want one warning, that it was emptied:\n%s", logged())
+			}
+			if why := schemaProblem(context.Background(), st.writer); why != "" {
+				t.Errorf("after the start the database %s", why)
+			}
+			// A session stored now gets the new column.
+			if st.update(st.caches["smtp"], "rpk", blob) != statOK {
+				t.Fatal("update")
+			}
+			st.close()
+
+			logged = captureLog(t)
+			st = keptStore(t, db, true, true, allCaches(3600))
+			defer st.close()
+			if strings.Contains(logged(), "warning:") || strings.Contains(logged(), "brought from") {
+				t.Errorf("the second start did not keep the database as it was:\n%s", logged())
+			}
+			var rawKey int
+			if err := asAdmin(t, st).QueryRow("SELECT peer_rpk FROM sessions WHERE id = 'rpk'").Scan(&rawKey); err != nil || rawKey != 1 {
+				t.Errorf("peer_rpk %d, %v", rawKey, err)
+			}
+		})
+	}
+}
+
+// ourSchemaBefore, derived from schema.sql, is version 4's schema.sql as
+// SQLite records it: the exact check a kept version 4 database must pass
+// before it is upgraded.
+func TestSchemaBefore(t *testing.T) {
+	v4, err := os.ReadFile("testdata/schema-v4.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("sqlite", ":memory:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	if _, err := db.Exec(string(v4)); err != nil {
+		t.Fatal(err)
+	}
+	if why := schemaDiffers(context.Background(), db, 4, ourSchemaBefore); why != "" {
+		t.Errorf("testdata/schema-v4.sql %s", why)
+	}
+	if why := schemaProblem(context.Background(), db); why == "" {
+		t.Error("version 4 passes as version 5")
 	}
 }
