@@ -37,12 +37,17 @@ CREATE TABLE IF NOT EXISTS smtpd_cache (
     protocol text, cipher text, session_time bigint, session_timeout bigint, sni text,
     ticket integer, ticket_lifetime bigint, verify_result bigint,
     peer_subject text, peer_issuer text, peer_fingerprint text, peer_not_after bigint,
+    peer_rpk integer,          -- 1: a raw public key (RFC 7250), 0: a certificate, as in SQLite
     PRIMARY KEY (realm, hash)
 );
 CREATE INDEX IF NOT EXISTS smtpd_cache_expires ON smtpd_cache (realm, expires);
 
 CREATE TABLE IF NOT EXISTS smtp_cache (LIKE smtpd_cache INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS lmtp_cache (LIKE smtpd_cache INCLUDING ALL);
+-- Tables an earlier tlsmgr made lack peer_rpk: these add it (each is a no-op where it is there).
+ALTER TABLE smtpd_cache ADD COLUMN IF NOT EXISTS peer_rpk integer;
+ALTER TABLE smtp_cache ADD COLUMN IF NOT EXISTS peer_rpk integer;
+ALTER TABLE lmtp_cache ADD COLUMN IF NOT EXISTS peer_rpk integer;
 
 -- Every cached session, without its key material, as the SQLite view shows it.
 CREATE OR REPLACE VIEW sessions AS
@@ -52,18 +57,19 @@ SELECT realm, cache, id, size,
        extract(epoch FROM now())::bigint - stored AS age,
        protocol, cipher, sni, ticket, ticket_lifetime, verify_result,
        peer_subject, peer_issuer, peer_fingerprint,
-       to_char(to_timestamp(peer_not_after) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS peer_not_after
+       to_char(to_timestamp(peer_not_after) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS peer_not_after,
+       peer_rpk -- last: CREATE OR REPLACE VIEW may only add columns at the end
 FROM (
     SELECT realm, 'smtpd' AS cache, id, length(session) - 33 AS size, stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM smtpd_cache
     UNION ALL
     SELECT realm, 'smtp', id, length(session) - 33, stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM smtp_cache
     UNION ALL
     SELECT realm, 'lmtp', id, length(session) - 33, stored, expires, protocol, cipher, sni, ticket,
-           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after
+           ticket_lifetime, verify_result, peer_subject, peer_issuer, peer_fingerprint, peer_not_after, peer_rpk
     FROM lmtp_cache
 ) AS s;
 

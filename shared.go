@@ -394,8 +394,13 @@ type sharedStore struct {
 	keyMu       sync.RWMutex
 	lastConnect time.Time // when "connected" was last logged
 	schemaOK    atomic.Bool
-	wake        chan struct{} // the refresher: publish a key this host made
-	stop        chan struct{}
+	// noRawKeyColumn: the cache tables come from an earlier tlsmgr and
+	// lack peer_rpk, which this role could not add: rows are stored
+	// without it (sharedUpsert) until tlsmgr starts again after
+	// schema_shared.sql is run.
+	noRawKeyColumn atomic.Bool
+	wake           chan struct{} // the refresher: publish a key this host made
+	stop           chan struct{}
 	// ctx is every statement's parent: close cancels it first, so that
 	// nothing waits for the database at exit.
 	ctx         context.Context
@@ -554,8 +559,10 @@ func (sh *sharedStore) doBy(deadline time.Time, what string, trip bool, f func(c
 		sh.failures.Store(0)
 		return err
 	}
-	if missingTable(err) {
-		sh.schemaOK.Store(false) // a restored or emptied database: the next use makes the tables again
+	if missingTable(err) || missingColumn(err) {
+		// A restored or emptied database, or tables an earlier tlsmgr
+		// made: the next use looks at them again, and makes what is missing.
+		sh.schemaOK.Store(false)
 		return err
 	}
 	if !countsAsDown(err) {
@@ -583,6 +590,18 @@ func countsAsDown(err error) bool {
 func missingTable(err error) bool {
 	var pe *pgconn.PgError
 	return errors.As(err, &pe) && pe.Code == "42P01"
+}
+
+func missingColumn(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "42703"
+}
+
+// accessRule: class 42, what the role may not do (insufficient_privilege,
+// must be owner, ...), or a statement the server does not take.
+func accessRule(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && strings.HasPrefix(pe.Code, "42")
 }
 
 // tripped: no request waits for the database until a background ping gets
@@ -661,9 +680,14 @@ var (
 )
 
 // sharedCountRelations counts the tables and the views that the role's
-// search_path finds, as its statements will.
+// search_path finds, as its statements will, and the cache tables that
+// have peer_rpk, which tables an earlier tlsmgr made lack.
 const sharedCountRelations = `SELECT (SELECT count(*) FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NOT NULL)::int,
-	(SELECT count(*) FROM unnest($2::text[]) AS n WHERE to_regclass(n) IS NOT NULL)::int`
+	(SELECT count(*) FROM unnest($2::text[]) AS n WHERE to_regclass(n) IS NOT NULL)::int,
+	(SELECT count(*) FROM unnest($3::text[]) AS n JOIN pg_attribute AS a ON a.attrelid = to_regclass(n)
+	 WHERE a.attname = 'peer_rpk' AND NOT a.attisdropped)::int`
+
+var sharedCacheTables = []string{"smtpd_cache", "smtp_cache", "lmtp_cache"}
 
 // ensureSchema makes the tables and views when one is missing, once per
 // connection to a database that lacks them. A role that may not create
@@ -688,44 +712,69 @@ func (sh *sharedStore) ensureSchema() bool {
 }
 
 func (sh *sharedStore) makeSchema() bool {
-	var tables, views int
+	var tables, views, rawKey int
 	err := sh.do("look for its tables", true, func(ctx context.Context) error {
-		return sh.pool.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews).Scan(&tables, &views)
+		return sh.pool.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews, sharedCacheTables).Scan(&tables, &views, &rawKey)
 	})
 	if err != nil {
 		return false
 	}
-	if tables < len(sharedTables) || views < len(sharedViews) {
+	complete := func() bool {
+		return tables == len(sharedTables) && views == len(sharedViews) && rawKey == len(sharedCacheTables)
+	}
+	if !complete() {
 		created := false
+		var refused error // the role may not: makeSchema's to say, not a sign the database is away
 		err = sh.do("create its tables", false, func(ctx context.Context) error {
-			return pgx.BeginFunc(ctx, sh.pool, func(tx pgx.Tx) error {
+			err := pgx.BeginFunc(ctx, sh.pool, func(tx pgx.Tx) error {
 				// One host at a time: two CREATE TABLE IF NOT EXISTS can still
 				// clash. Then look again: another host may have made them.
 				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(7375696770)"); err != nil {
 					return err
 				}
-				if err := tx.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews).Scan(&tables, &views); err != nil ||
-					(tables == len(sharedTables) && views == len(sharedViews)) {
+				if err := tx.QueryRow(ctx, sharedCountRelations, sharedTables, sharedViews, sharedCacheTables).Scan(&tables, &views, &rawKey); err != nil || complete() {
 					return err
 				}
 				_, err := tx.Exec(ctx, sharedSchemaSQL)
 				created = err == nil
 				return err
 			})
+			if accessRule(err) {
+				refused, err = err, nil
+			}
+			return err
 		})
+		if err == nil && refused != nil {
+			err = refused
+		}
 		switch {
+		case err == nil && created && tables == len(sharedTables):
+			msg.info("shared database %s: brought tlsmgr's tables and views up to date", sh.dsn)
+			rawKey = len(sharedCacheTables)
 		case err == nil && created:
 			msg.info("shared database %s: created tlsmgr's tables", sh.dsn)
+			rawKey = len(sharedCacheTables)
 		case err != nil && tables == len(sharedTables):
-			// The views are for people: work without them.
-			msg.warnLimited("shared schema", "shared database %s: its views (sessions, cache_stats, ticket_key_names) are missing and cannot be made: %s; create them with schema_shared.sql (see the README)",
-				sh.dsn, escapeText(err.Error()))
+			// The views are for people, and peer_rpk is one more column
+			// for them: work without what is missing (sessions are stored
+			// without peer_rpk) until tlsmgr starts again.
+			var missing []string
+			if views < len(sharedViews) {
+				missing = append(missing, "its views (sessions, cache_stats, ticket_key_names)")
+			}
+			if rawKey < len(sharedCacheTables) {
+				missing = append(missing, "the peer_rpk column of its cache tables (made by an earlier tlsmgr)")
+			}
+			verb := map[bool]string{true: "is", false: "are"}[len(missing) == 1 && views == len(sharedViews)]
+			msg.warnLimited("shared schema", "shared database %s: %s %s missing and cannot be made: %s; run schema_shared.sql (see the README)",
+				sh.dsn, strings.Join(missing, " and "), verb, escapeText(err.Error()))
 		case err != nil:
 			msg.warnLimited("shared schema", "shared database %s: its tables are missing and cannot be made: %s; create them with schema_shared.sql (see the README)",
 				sh.dsn, escapeText(err.Error()))
 			return false
 		}
 	}
+	sh.noRawKeyColumn.Store(rawKey < len(sharedCacheTables))
 	sh.schemaOK.Store(true)
 	return true
 }
@@ -974,10 +1023,14 @@ func (sh *sharedStore) update(c *cache, id string, session []byte) int {
 	if b, ok := values[5].(bool); ok { // ticket: 1 or 0, as in SQLite
 		values[5] = map[bool]int64{false: 0, true: 1}[b]
 	}
+	withRawKey := !sh.noRawKeyColumn.Load()
+	if !withRawKey {
+		values = values[:len(values)-1] // peer_rpk is the last
+	}
 	args := append([]any{sh.realm, rowKey(id), id, sealed, now, expires}, values...)
 	var inserted bool
 	err = sh.doBy(deadline, "store a "+c.label+" session", false, func(ctx context.Context) error {
-		return sh.pool.QueryRow(ctx, sharedUpsert(c.label), args...).Scan(&inserted)
+		return sh.pool.QueryRow(ctx, sharedUpsert(c.label, withRawKey), args...).Scan(&inserted)
 	})
 	if err != nil {
 		c.count.storeFailures.Add(1) // do has warned: "not cached"
@@ -996,11 +1049,17 @@ func (sh *sharedStore) update(c *cache, id string, session []byte) int {
 
 var sharedUpserts sync.Map
 
-func sharedUpsert(label string) string {
-	if q, ok := sharedUpserts.Load(label); ok {
+// sharedUpsert is the statement that stores a session of the cache;
+// withRawKey false leaves out peer_rpk, decodedColumns' last.
+func sharedUpsert(label string, withRawKey bool) string {
+	key := label + map[bool]string{true: "", false: " without peer_rpk"}[withRawKey]
+	if q, ok := sharedUpserts.Load(key); ok {
 		return q.(string)
 	}
 	cols := strings.Split(strings.ReplaceAll(decodedColumns, " ", ""), ",")
+	if !withRawKey {
+		cols = cols[:len(cols)-1]
+	}
 	all := append([]string{"realm", "hash", "id", "session", "stored", "expires"}, cols...)
 	var ph, set []string
 	for i, col := range all {
@@ -1011,7 +1070,7 @@ func sharedUpsert(label string) string {
 	}
 	q := "INSERT INTO " + label + "_cache (" + strings.Join(all, ", ") + ") VALUES (" + strings.Join(ph, ", ") +
 		") ON CONFLICT (realm, hash) DO UPDATE SET " + strings.Join(set, ", ") + " RETURNING (xmax = 0)"
-	sharedUpserts.Store(label, q)
+	sharedUpserts.Store(key, q)
 	return q
 }
 

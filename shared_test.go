@@ -670,23 +670,32 @@ func TestSharedSchemaNeverInRequests(t *testing.T) {
 		t.Errorf("a lookup waited %v while the tables were being looked at", worst)
 	}
 	conn.Exec(ctx, "SELECT pg_advisory_unlock(7375696770)")
-	p.sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-	p.sql("CREATE ROLE limited LOGIN")
-	p.sql("GRANT SELECT, INSERT, UPDATE, DELETE ON ticket_keys, smtpd_cache, smtp_cache, lmtp_cache TO limited")
-	pc, _ := sharedPoolConfig(strings.Replace(p.dsn(), "user=tlsmgr", "user=limited", 1), 2*time.Second)
-	sc := &sharedConfig{pool: pc, realm: "schema", caches: []string{"smtpd"}, timeout: 2 * time.Second}
-	copy(sc.secret[:], testSecret)
-	b, err := newSharedStore(sc, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.close()
+	b := limitedHost(t, p, "schema")
 	if !b.ensureSchema() {
 		t.Fatal("a role that may not create the views cannot use the tables")
 	}
 	if s, st := b.find(ca, "x"); st != statOK || string(s) != "session" {
 		t.Fatalf("lookup as the limited role: %d %q", st, s)
 	}
+}
+
+// limitedHost is a host whose role, limited, may only read and write
+// tlsmgr's tables (which must exist), as README's set-up by hand grants,
+// and may create nothing.
+func limitedHost(t *testing.T, p *pgServer, realm string) *sharedStore {
+	t.Helper()
+	p.sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+	p.sql("CREATE ROLE limited LOGIN")
+	p.sql("GRANT SELECT, INSERT, UPDATE, DELETE ON ticket_keys, smtpd_cache, smtp_cache, lmtp_cache TO limited")
+	pc, _ := sharedPoolConfig(strings.Replace(p.dsn(), "user=tlsmgr", "user=limited", 1), 2*time.Second)
+	sc := &sharedConfig{pool: pc, realm: realm, caches: []string{"smtpd"}, timeout: 2 * time.Second}
+	copy(sc.secret[:], testSecret)
+	sh, err := newSharedStore(sc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sh.close)
+	return sh
 }
 
 // Failures while a retry is ending never leave the store down for good:
@@ -805,6 +814,68 @@ func TestSharedNeedsSecret(t *testing.T) {
 	for _, want := range []string{"no such file", "others may read it", "holds 16 bytes, not 32"} {
 		if !strings.Contains(logged(), want) {
 			t.Errorf("no %q in:\n%s", want, logged())
+		}
+	}
+}
+
+// Tables that an earlier tlsmgr made (testdata/schema_shared-earlier.sql,
+// its schema_shared.sql) lack peer_rpk. A role that may only read and
+// write them gets one warning and stores sessions without the column,
+// which still come back; the tables' owner brings them up to date (the
+// column, and the sessions view with it at its end), after which a raw
+// public key's session shows peer_rpk 1 and the key's fingerprint.
+func TestSharedSchemaOfAnEarlierVersion(t *testing.T) {
+	p := startPG(t)
+	earlier, err := os.ReadFile("testdata/schema_shared-earlier.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(earlier), "peer_rpk") {
+		t.Fatal("testdata/schema_shared-earlier.sql already has peer_rpk")
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, p.dsn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, string(earlier)); err != nil {
+		t.Fatal(err)
+	}
+	blob := testSession(t, "tls13-rpk")
+	fingerprint := oraclePeer(t, "tls13-rpk", "rpk").fingerprint
+
+	logged := captureLog(t)
+	limited := limitedHost(t, p, "earlier")
+	c := &cache{label: "smtpd", database: "btree:x", timeout: 3600, shared: limited}
+	if !limited.ensureSchema() {
+		t.Fatal("a role that may not alter the tables cannot use them")
+	}
+	if st := limited.update(c, "limited", blob); st != statOK {
+		t.Fatalf("update as the limited role: %d\n%s", st, logged())
+	}
+	if s, st := limited.find(c, "limited"); st != statOK || !bytes.Equal(s, blob) {
+		t.Fatalf("lookup as the limited role: %d", st)
+	}
+	if n := strings.Count(logged(), "warning:"); n != 1 || !strings.Contains(logged(), "the peer_rpk column of its cache tables (made by an earlier tlsmgr) is missing") {
+		t.Errorf("want one warning that peer_rpk is missing:\n%s", logged())
+	}
+
+	owner, oc := newTestShared(t, p, "earlier", 3600, nil)
+	if !owner.ensureSchema() || !strings.Contains(logged(), "brought tlsmgr's tables and views up to date") {
+		t.Fatalf("the owner did not bring the tables up to date:\n%s", logged())
+	}
+	if st := owner.update(oc, "owner", blob); st != statOK {
+		t.Fatalf("update as the owner: %d", st)
+	}
+	rows := p.sql("SELECT id, coalesce(peer_rpk, -1), peer_fingerprint FROM sessions ORDER BY id")
+	got := fmt.Sprint(rows)
+	if want := fmt.Sprint([][]any{{"limited", int32(-1), fingerprint}, {"owner", int32(1), fingerprint}}); got != want {
+		t.Errorf("sessions view: %s, want %s", got, want)
+	}
+	for _, table := range sharedCacheTables {
+		if n := p.sql("SELECT count(*) FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'peer_rpk' AND NOT attisdropped", table); n[0][0] != int64(1) {
+			t.Errorf("%s has no peer_rpk", table)
 		}
 	}
 }
