@@ -267,3 +267,59 @@ func (p *postfixInstance) reloadAndWait(t *testing.T) {
 	}
 	t.Fatalf("tlsmgr %v still runs 10 s after postfix reload", before)
 }
+
+// checkRawPublicKey delivers through relay-rpk to the sink that sends its
+// raw public key: the smtp cache's row for it has peer_rpk 1 and, as
+// peer_fingerprint, the SHA-256 of the sink's SubjectPublicKeyInfo, as
+// openssl computes it from the key file and as Postfix logs it.
+func (p *postfixInstance) checkRawPublicKey(t *testing.T) {
+	if p.rpkPort == 0 {
+		t.Skip("this Postfix has no raw public keys (3.10 and later have); .ci/debian13 runs this on Debian 13")
+	}
+	off := p.logSize()
+	if err := submit(fmt.Sprintf("127.0.0.1:%d", p.testPort), "sink@rpk.test"); err != nil {
+		t.Fatalf("submit: %v", err)
+	}
+	if p.waitLog(off, `e2e/relay-rpk/smtp\[\d+\]: \w+: to=<sink@rpk.test>.*status=sent`, 20*time.Second) == "" {
+		t.Fatalf("not delivered:\n%s", p.logText()[off:])
+	}
+	logged := p.logText()[off:]
+	if !regexp.MustCompile(`e2e/relay-rpk/smtp\[\d+\]: .*TLS connection established`).MatchString(logged) {
+		t.Fatalf("no TLS:\n%s", logged)
+	}
+	// openssl's fingerprint of the sink's public key, SubjectPublicKeyInfo DER
+	spki, err := exec.Command("openssl", "pkey", "-in", p.etc+"/key.pem", "-pubout", "-outform", "DER").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("openssl", "dgst", "-sha256", "-c")
+	cmd.Stdin = bytes.NewReader(spki)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.ToUpper(strings.TrimSpace(string(out[bytes.LastIndexByte(out, ' ')+1:])))
+	// Postfix logs it too at smtp_tls_loglevel 2 (tls_client.c, for a peer
+	// without a certificate: "raw public key fingerprint=").
+	if m := regexp.MustCompile(`e2e/relay-rpk/smtp\[\d+\]: .*: raw public key fingerprint=([0-9A-F:]+)`).FindStringSubmatch(logged); m == nil {
+		t.Errorf("the smtp client logged no raw public key:\n%s", logged)
+	} else if m[1] != want {
+		t.Errorf("Postfix logged the key's fingerprint as %s, openssl says %s", m[1], want)
+	}
+	db := p.sessionsDB(t)
+	var rows []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		rows = queryStrings(t, db, "SELECT peer_fingerprint || ' ' || coalesce(peer_subject, '-') || ' ' || peer_rpk FROM sessions WHERE cache = 'smtp' AND peer_rpk = 1")
+		if len(rows) > 0 {
+			break
+		}
+	}
+	if len(rows) != 1 || rows[0] != want+" - 1" {
+		t.Errorf("smtp rows with a raw key: %q, want [%q]", rows, want+" - 1")
+	}
+	t.Logf("openssl: %s; the smtp row (peer_fingerprint, peer_subject, peer_rpk): %q", want, rows)
+	// The certificate sessions of the other deliveries say 0.
+	if certs := queryStrings(t, db, "SELECT count(*) FROM sessions WHERE cache = 'smtp' AND peer_rpk = 0 AND peer_subject IS NOT NULL"); len(certs) != 1 || certs[0] == "0" {
+		t.Errorf("smtp rows with a certificate and peer_rpk 0: %q", certs)
+	}
+}

@@ -28,6 +28,17 @@ type postfixInstance struct {
 	bin                          string // the tlsmgr under test
 	testPort, sinkPort, notkPort int
 	addr                         string // the loopback address it listens on
+	// rpkPort: a sink smtpd that sends its raw public key to a client that
+	// asks (smtpd_tls_enable_rpk), reached through relay-rpk, which asks
+	// (smtp_tls_enable_rpk); 0 on a Postfix before 3.10, which has neither.
+	rpkPort int
+}
+
+// postfixHasRPK says whether the installed Postfix knows raw public keys
+// (RFC 7250, Postfix 3.10 with OpenSSL 3.2 or later).
+func postfixHasRPK(t *testing.T) bool {
+	out, err := run(t, time.Minute, "postconf", "-dh", "smtp_tls_enable_rpk", "smtpd_tls_enable_rpk")
+	return err == nil && !strings.Contains(out, "unknown parameter")
 }
 
 func requirePostfix(t *testing.T) {
@@ -121,6 +132,16 @@ func newPostfixOn(t *testing.T, addr string, port int) *postfixInstance {
 	if port != 0 {
 		p.testPort, testService, interfaces = port, fmt.Sprint(port), addr
 	}
+	rpkTransport, rpkServices := "", ""
+	if postfixHasRPK(t) {
+		p.rpkPort = freePort(t)
+		rpkTransport = fmt.Sprintf(", rpk.test=relay-rpk:[%s]:%d", addr, p.rpkPort)
+		rpkServices = fmt.Sprintf(`%[1]s:%[2]d inet n - n - - smtpd
+  -o syslog_name=e2e/rpksink -o content_filter=discard:sink -o smtpd_tls_loglevel=2 -o max_use=1 -o smtpd_tls_enable_rpk=yes
+relay-rpk unix -       -       n       -       -       smtp
+  -o syslog_name=e2e/relay-rpk -o smtp_tls_loglevel=2 -o max_use=1 -o smtp_tls_enable_rpk=yes
+`, addr, p.rpkPort)
+	}
 	dbType := "btree"
 	if out, _ := run(t, time.Minute, "postconf", "-m"); !strings.Contains(out, "btree") {
 		dbType = "lmdb"
@@ -139,8 +160,8 @@ mydestination = $myhostname, localhost
 inet_interfaces = %[5]s
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relay_domains = e2e.test
-transport_maps = inline:{ e2e.test=relay-test:[%[4]s]:%[2]d }
+relay_domains = e2e.test, rpk.test
+transport_maps = inline:{ e2e.test=relay-test:[%[4]s]:%[2]d%[6]s }
 default_transport = error:5.7.1 no outbound mail
 relay_transport = error:5.7.1 no outbound mail
 local_transport = discard:local
@@ -158,7 +179,7 @@ smtpd_tls_key_file = %[1]s/etc/key.pem
 smtpd_tls_session_cache_database = %[3]s:${data_directory}/smtpd_scache
 smtp_tls_security_level = may
 smtp_tls_session_cache_database = %[3]s:${data_directory}/smtp_scache
-`, dir, p.sinkPort, dbType, addr, interfaces))
+`, dir, p.sinkPort, dbType, addr, interfaces, rpkTransport))
 	// Every smtpd and smtp process serves one connection (max_use=1), so a
 	// resumed session can only have come back through tlsmgr.
 	writeFile(t, p.etc, "master.cf", fmt.Sprintf(`%[5]s inet n - n - - smtpd
@@ -193,7 +214,7 @@ local     unix  -       n       n       -       -       local
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.testPort, p.sinkPort, p.notkPort, p.etc, testService, addr))
+%[7]s`, p.testPort, p.sinkPort, p.notkPort, p.etc, testService, addr, rpkServices))
 	// The sink acknowledges SNI e2e-sink.test (tls_server_sni_maps), so
 	// that the smtp client's session records the name.
 	key, _ := os.ReadFile(p.etc + "/key.pem")
@@ -410,6 +431,10 @@ func TestEndToEndWithPostfix(t *testing.T) {
 
 	t.Run("SQL shows the sessions and counters of what Postfix did", func(t *testing.T) {
 		p.checkReadableCaches(t, byID)
+	})
+
+	t.Run("a raw public key (Postfix 3.10's smtp_tls_enable_rpk) shows as the key's fingerprint", func(t *testing.T) {
+		p.checkRawPublicKey(t)
 	})
 
 	t.Run("postfix reload: a new tlsmgr serves and resumption works", func(t *testing.T) {
