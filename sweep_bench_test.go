@@ -29,7 +29,7 @@ func BenchmarkSweepUnderLoad(b *testing.B) {
 			err := st.write(func(tx *writeTx) error {
 				for j := i; j < i+batch; j++ {
 					id := fmt.Sprintf("expired%d", j)
-					if err := tx.exec(c.updateStmt, append([]any{rowKey(id), id, session, 1, 2}, make([]any, 12)...)...); err != nil {
+					if err := tx.exec(c.updateStmt, append([]any{rowKey(id), id, session, 1, 2}, decodedValues(nil)...)...); err != nil {
 						return err
 					}
 				}

@@ -62,7 +62,7 @@ func TestGroupCommit(t *testing.T) {
 			errs[i] = st.write(func(tx *writeTx) error {
 				seen[i] = max(seen[i], len(tx.deltas)) // it runs again alone after the failure
 				tx.add(&counted, 1)
-				if err := tx.exec(c.updateStmt, append([]any{rowKey(fmt.Sprint(i)), fmt.Sprint(i), []byte("s"), 1, 2}, make([]any, 12)...)...); err != nil {
+				if err := tx.exec(c.updateStmt, append([]any{rowKey(fmt.Sprint(i)), fmt.Sprint(i), []byte("s"), 1, 2}, decodedValues(nil)...)...); err != nil {
 					return err
 				}
 				if i == failing {
