@@ -502,3 +502,55 @@ func TestSchemaBefore(t *testing.T) {
 		t.Error("version 4 passes as version 5")
 	}
 }
+
+// A kept database whose sessions are damaged still gives its ticket keys:
+// their own table is checked and read before the whole file is, so that a
+// fault in the sessions (or a file too large to check within tktkey's
+// wait) does not cost the keys. The rest of the file is emptied.
+func TestKeptKeysSurviveDamagedSessions(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "tlsmgr.sqlite")
+	st := keptStore(t, db, true, true, allCaches(3600))
+	fillStore(t, st, 200)
+	cur := ticketKey{name: [16]byte{9}, bits: [32]byte{2}, hmac: [32]byte{3}, tout: st.now().Unix() + 100}
+	if err := st.saveTicketKeys([]ticketKey{cur}); err != nil {
+		t.Fatal(err)
+	}
+	var root int64
+	if err := st.writer.QueryRow("SELECT rootpage FROM sqlite_schema WHERE name = 'smtp_cache'").Scan(&root); err != nil {
+		t.Fatal(err)
+	}
+	st.close()
+	f, err := os.OpenFile(db, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// the b-tree page type of smtp_cache's root page: no valid type
+	if _, err := f.WriteAt([]byte{0xff}, (root-1)*pageSize); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	logged := captureLog(t)
+	st, err = newStore(allCaches(3600), storeOptions{sweepBatch: 500, keepSessions: true, keepKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kept []ticketKey
+	st.keptKeys = func(keys []ticketKey, err error) { kept = keys }
+	if err := st.openFiles(db, os.Geteuid(), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.open(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer st.close()
+	if !strings.Contains(logged(), "emptied it and started a new one") {
+		t.Errorf("the damaged file was not emptied:\n%s", logged())
+	}
+	if len(kept) != 1 || kept[0].name != cur.name {
+		t.Errorf("kept keys %d, want the one saved", len(kept))
+	}
+	if _, status := st.lookup(st.caches["smtp"], "id1"); status == statOK {
+		t.Error("a session of the damaged file is served")
+	}
+}
