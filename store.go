@@ -158,9 +158,10 @@ type store struct {
 	openBy      time.Time     // until when requests wait for open (openWait after the start)
 
 	// keptKeys, when set, learns the kept ticket keys as soon as the kept
-	// database has passed its check, before open goes on to write to it
-	// (which another process holding the database can delay), or that
-	// there are none: once, from open.
+	// database's schema and its ticket_keys table have passed their check,
+	// before the rest of the file is checked and before open goes on to
+	// write to it (which another process holding the database can delay),
+	// or that there are none: once, from open.
 	keptKeys     func(keys []ticketKey, err error)
 	keptKeysOnce sync.Once
 	openedOnce   sync.Once
@@ -454,9 +455,10 @@ const keptCheckLimit = 10 * time.Second
 // (so it has no view, trigger or table of anyone else's to run), or
 // exactly the version before's, which is then brought to ours
 // (upgradeKept), and it must pass SQLite's quick_check first. The check itself runs with the
-// untrusted-file settings, as the first statements on the file. When it
-// passes, it also reads the kept ticket keys, if they are kept: reading
-// waits for no other process.
+// untrusted-file settings, as the first statements on the file. The kept
+// ticket keys, if they are kept, are read and told (tellKeptKeys) once
+// the schema and their own table have passed, before the rest of the file
+// is checked: reading waits for no other process.
 func (s *store) checkKept(ctx context.Context, name string) (why string, keys []ticketKey, keysErr error) {
 	db, err := openPool(name, 1, false)
 	if err != nil {
@@ -483,7 +485,11 @@ func (s *store) checkKept(ctx context.Context, name string) (why string, keys []
 	if s.keepKeys {
 		if err := db.QueryRowContext(ctx, "PRAGMA quick_check(ticket_keys)").Scan(&check); err == nil && check == "ok" {
 			keys, keysErr = readTicketKeys(ctx, db)
-			s.tellKeptKeys(keys, keysErr)
+			if keysErr == nil {
+				// An error is told only if the file passes: a file that is
+				// then emptied has no unreadable keys left to protect.
+				s.tellKeptKeys(keys, nil)
+			}
 		}
 	}
 	if err := db.QueryRowContext(ctx, "PRAGMA quick_check").Scan(&check); err != nil {
