@@ -1052,7 +1052,10 @@ var sharedUpserts sync.Map
 // sharedUpsert is the statement that stores a session of the cache;
 // withRawKey false leaves out peer_rpk, decodedColumns' last.
 func sharedUpsert(label string, withRawKey bool) string {
-	key := label + map[bool]string{true: "", false: " without peer_rpk"}[withRawKey]
+	key := label
+	if !withRawKey {
+		key += " without peer_rpk"
+	}
 	if q, ok := sharedUpserts.Load(key); ok {
 		return q.(string)
 	}
